@@ -1,0 +1,21 @@
+"""QRPO and RPO trainers for Hugging Face TRL: pointwise alignment by regression onto a closed-form target."""
+
+from .pointwise_config import PointwiseConfig
+from .pointwise_trainer import DataCollatorForPointwise, PointwiseTrainer
+from .qrpo_config import QRPOConfig
+from .qrpo_trainer import QRPOTrainer
+from .rpo_config import RPOConfig
+from .rpo_trainer import RPOTrainer
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataCollatorForPointwise",
+    "PointwiseConfig",
+    "PointwiseTrainer",
+    "QRPOConfig",
+    "QRPOTrainer",
+    "RPOConfig",
+    "RPOTrainer",
+]

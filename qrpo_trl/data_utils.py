@@ -1,0 +1,153 @@
+"""Dataset formats accepted by the pointwise trainers: validation, and conversion of paired data to pointwise rows.
+
+Accepted formats (standard text or conversational, like TRL):
+
+- pointwise: `prompt`, `completion`, `reward`;
+- paired with scores: `prompt`, `chosen`, `rejected` with `chosen_reward`/`rejected_reward` (or UltraFeedback's
+  `score_chosen`/`score_rejected`); each pair becomes two pointwise rows, as in the official QRPO code. Conversational
+  pairs without a `prompt` column get it extracted from the shared start of `chosen` and `rejected`.
+
+A trainer may need reference columns on top (QRPO: `ref_rewards` or `quantile_reward`).
+
+Validation reads the raw columns before anything is mapped, so a bad dataset fails before any cache file is written.
+"""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset
+from trl.data_utils import extract_prompt
+
+
+POINTWISE_COLUMNS = ("prompt", "completion", "reward")
+PAIRED_COLUMNS = ("chosen", "rejected")
+PAIRED_REWARD_COLUMNS = (("chosen_reward", "rejected_reward"), ("score_chosen", "score_rejected"))
+
+
+def describe_formats(reference_columns: tuple[str, ...] = ()) -> str:
+    """The accepted formats, for error messages. `reference_columns` are alternatives the trainer needs on top."""
+    extra = f" + {' or '.join(reference_columns)}" if reference_columns else ""
+    pair_rewards = " or ".join("/".join(pair) for pair in PAIRED_REWARD_COLUMNS)
+    return (
+        f"  - pointwise: {', '.join(POINTWISE_COLUMNS)}{extra}\n"
+        f"  - paired with scores: prompt, chosen, rejected, {pair_rewards}{extra}"
+    )
+
+
+def paired_reward_columns(column_names: list[str]) -> tuple[str, str] | None:
+    """The (chosen, rejected) reward columns of a paired dataset, or None if it has none of the accepted pairs."""
+    for pair in PAIRED_REWARD_COLUMNS:
+        if all(column in column_names for column in pair):
+            return pair
+    return None
+
+
+def check_columns(dataset: Dataset, dataset_name: str, reference_columns: tuple[str, ...] = ()) -> None:
+    """Raise a ValueError listing the accepted formats if `dataset` matches none of them."""
+    columns = dataset.column_names
+    has_reference = not reference_columns or any(column in columns for column in reference_columns)
+    pointwise = all(column in columns for column in POINTWISE_COLUMNS)
+    paired = all(column in columns for column in PAIRED_COLUMNS) and paired_reward_columns(columns) is not None
+    if (pointwise or paired) and has_reference:
+        return
+    raise ValueError(
+        f"The {dataset_name} dataset has columns {columns}, which match none of the accepted formats:\n"
+        f"{describe_formats(reference_columns)}"
+    )
+
+
+def float_column(dataset: Dataset, column: str, dataset_name: str) -> np.ndarray:
+    """The column as float64, raising a ValueError naming the first row that is not a finite number."""
+    array = dataset.with_format("arrow")[column]
+    if not (pa.types.is_floating(array.type) or pa.types.is_integer(array.type) or pa.types.is_null(array.type)):
+        raise ValueError(
+            f"Column '{column}' of the {dataset_name} dataset must hold numbers, but its type is {array.type}."
+        )
+    values = np.asarray(array.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise ValueError(
+            f"Column '{column}' of the {dataset_name} dataset, row {bad[0]}: expected a finite number, got "
+            f"{array[int(bad[0])].as_py()} ({bad.size} such rows in all)."
+        )
+    return values
+
+
+def ragged_float_column(dataset: Dataset, column: str, dataset_name: str) -> list[np.ndarray]:
+    """A column of lists of numbers as one float64 array per row, raising a ValueError naming the first bad row."""
+    array = dataset.with_format("arrow")[column].combine_chunks()
+    if not (pa.types.is_list(array.type) or pa.types.is_large_list(array.type)):
+        raise ValueError(
+            f"Column '{column}' of the {dataset_name} dataset must hold lists of numbers, but its type is "
+            f"{array.type}."
+        )
+    null_rows = np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))
+    if null_rows.size:
+        raise ValueError(f"Column '{column}' of the {dataset_name} dataset, row {null_rows[0]}: expected a list, got None.")
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(array)
+    if not (pa.types.is_floating(flat.type) or pa.types.is_integer(flat.type) or pa.types.is_null(flat.type)):
+        raise ValueError(
+            f"Column '{column}' of the {dataset_name} dataset must hold lists of numbers, but its type is "
+            f"{array.type}."
+        )
+    values = np.asarray(flat.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        row = int(np.searchsorted(np.cumsum(lengths), bad[0], side="right"))
+        raise ValueError(
+            f"Column '{column}' of the {dataset_name} dataset, row {row}: expected finite numbers, got "
+            f"{array[row].as_py()}."
+        )
+    return np.split(values, np.cumsum(lengths)[:-1])
+
+
+def reward_columns(column_names: list[str]) -> tuple[str, ...]:
+    """The reward column of a pointwise dataset, or the (chosen, rejected) reward columns of a paired one."""
+    if "completion" in column_names:
+        return ("reward",)
+    return paired_reward_columns(column_names) or ()
+
+
+def check_rewards(dataset: Dataset, dataset_name: str) -> None:
+    """Every reward column of a pointwise or paired dataset holds finite numbers."""
+    for column in reward_columns(dataset.column_names):
+        float_column(dataset, column, dataset_name)
+
+
+def prompt_groups(dataset: Dataset) -> np.ndarray:
+    """An integer label per row, equal for rows with the same prompt (text, or conversation compared as JSON)."""
+    labels = {}
+    keys = (prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True) for prompt in dataset["prompt"])
+    return np.array([labels.setdefault(key, len(labels)) for key in keys], dtype=np.int64)
+
+
+def to_pointwise(dataset: Dataset, dataset_name: str, map_kwargs: dict) -> Dataset:
+    """
+    Pointwise rows (`prompt`, `completion`, `reward` and the other columns) from a pointwise or paired dataset.
+
+    A pair becomes two consecutive rows (chosen, then rejected) that share the pair's other columns; the pairing is not
+    used by the loss.
+    """
+    if "completion" in dataset.column_names:
+        return dataset
+    if "prompt" not in dataset.column_names:
+        dataset = dataset.map(extract_prompt, desc=f"Extracting prompt from {dataset_name} dataset", **map_kwargs)
+    chosen_reward, rejected_reward = paired_reward_columns(dataset.column_names)
+    paired = ("chosen", "rejected", chosen_reward, rejected_reward)
+
+    def unpair(batch):
+        rows = {key: [value for value in values for _ in range(2)] for key, values in batch.items() if key not in paired}
+        rows["completion"] = [c for pair in zip(batch["chosen"], batch["rejected"], strict=True) for c in pair]
+        rows["reward"] = [r for pair in zip(batch[chosen_reward], batch[rejected_reward], strict=True) for r in pair]
+        return rows
+
+    return dataset.map(
+        unpair,
+        batched=True,
+        remove_columns=dataset.column_names,
+        desc=f"Unpairing {dataset_name} dataset into pointwise samples",
+        **map_kwargs,
+    )

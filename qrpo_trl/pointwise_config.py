@@ -1,0 +1,90 @@
+"""Configuration shared by QRPOConfig and RPOConfig: the DPOConfig fields that apply to a pointwise regression."""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+from .targets import LOGPS_NORMALIZATIONS
+
+
+# DPOConfig fields that shape DPO's pairwise loss or move its reference model: a pointwise trainer has one loss and a
+# fixed reference, so a non-default value would be silently ignored.
+_DPO_ONLY_FIELDS = (
+    "loss_type",
+    "loss_weights",
+    "ld_alpha",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "label_smoothing",
+    "use_weighting",
+    "discopop_tau",
+    "sync_ref_model",
+)
+
+
+@dataclass
+class PointwiseConfig(DPOConfig):
+    r"""
+    Base configuration of the pointwise trainers ([`QRPOConfig`], [`RPOConfig`]). It subclasses [`~trl.DPOConfig`], so
+    every DPO field that is not about the pairwise loss (data preprocessing, `max_length`, `model_init_kwargs`, ...)
+    works as in DPO. DPO's loss fields (`loss_type`, `loss_weights`, `ld_alpha`, `f_divergence_type`,
+    `f_alpha_divergence_coef`, `label_smoothing`, `use_weighting`, `discopop_tau`) and `sync_ref_model` must keep their
+    defaults.
+
+    Parameters:
+        beta (`float`, *optional*, defaults to `0.1`):
+            KL coefficient of the regularised objective `E[R] - beta * KL(pi || pi_ref)`. Higher β keeps the policy
+            closer to the reference model. The regression fits `beta * (log pi_theta - log pi_ref)` to the target.
+        precompute_ref_log_probs (`bool`, *optional*, defaults to `True`):
+            Whether to compute the reference log-probabilities once, in the dataset map stage, so that training holds no
+            reference model. If `False`, they are recomputed on the fly at every step, with `ref_model`, the adapters
+            disabled (PEFT), or a reference loaded from the model path; the loss is the same.
+        logps_normalization (`str`, *optional*, defaults to `"sum"`):
+            How the completion-token log-probabilities of a sequence are aggregated, for the policy and the reference
+            alike: `"sum"` (the sequence log-probability of the papers' math) or `"mean"` (per-token mean, as in the
+            RPO paper's code).
+    """
+
+    beta: float = field(
+        default=0.1,
+        metadata={
+            "help": "KL coefficient of the regularised objective E[R] - beta * KL(pi || pi_ref). Higher beta keeps the "
+            "policy closer to the reference model."
+        },
+    )
+    precompute_ref_log_probs: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the reference log-probabilities once, in the dataset map stage, so that training holds no "
+            "reference model. If False, they are recomputed on the fly at every step."
+        },
+    )
+    logps_normalization: str = field(
+        default="sum",
+        metadata={
+            "help": "How completion-token log-probabilities are aggregated: 'sum' (sequence log-probability) or 'mean' "
+            "(per-token mean).",
+            "choices": list(LOGPS_NORMALIZATIONS),
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.beta > 0:
+            raise ValueError(f"`beta` must be > 0, got {self.beta}.")
+        check_choice("logps_normalization", self.logps_normalization, LOGPS_NORMALIZATIONS)
+        defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(DPOConfig) if f.name in _DPO_ONLY_FIELDS}
+        changed = [name for name, default in defaults.items() if getattr(self, name) != default]
+        if changed:
+            raise ValueError(
+                f"{type(self).__name__} does not use DPO's {', '.join(f'`{name}`' for name in changed)}: the loss is "
+                "a single squared regression onto a precomputed target, against a fixed reference model. Leave these "
+                "fields at their defaults."
+            )
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown `{name}` {value!r}; expected one of {', '.join(map(repr, choices))}.")

@@ -1,0 +1,446 @@
+"""
+Shared plumbing of the pointwise trainers: data formats, tokenisation, the reference map stage and the loss.
+
+`QRPOTrainer` and `RPOTrainer` subclass `PointwiseTrainer`, itself a `trl.DPOTrainer`, and only say how their
+regression target is made. The loss is `scale * (target - beta * (logp_theta - logp_ref))^2`, averaged over the batch.
+"""
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from numbers import Number
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
+from datasets import Dataset
+from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader
+from transformers.data.data_collator import DataCollatorMixin
+from trl import DPOTrainer
+from trl.data_utils import _tokenize, common_prefix_length, is_conversational
+from trl.models import prepare_deepspeed
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import get_config_model_id, global_then_local_main_first, pad, use_adapter
+
+from .data_utils import check_columns, check_rewards, to_pointwise
+from .pointwise_config import PointwiseConfig
+
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class DataCollatorForPointwise(DataCollatorMixin):
+    """
+    Pads pointwise samples for a decoder-only model.
+
+    Each example holds `prompt_ids` and `completion_ids`; the batch gets `input_ids` (prompt + completion, right
+    padded), `attention_mask` and `completion_mask`. Numeric scalar fields (`ref_logps`, `target`, logged statistics)
+    are stacked into float tensors; other fields are ignored.
+
+    Args:
+        pad_token_id (`int`):
+            Token ID used for padding.
+        max_length (`int`, *optional*):
+            Sequences longer than this are truncated before padding, as in TRL's `DataCollatorForPreference`.
+        truncation_mode (`str`, *optional*, defaults to `"keep_start"`):
+            `"keep_start"` or `"keep_end"`.
+        pad_to_multiple_of (`int`, *optional*):
+            If set, sequences are padded to a multiple of this value.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids = [example["prompt_ids"] + example["completion_ids"] for example in examples]
+        completion_mask = [[0] * len(example["prompt_ids"]) + [1] * len(example["completion_ids"]) for example in examples]
+        if self.max_length is not None:
+            if self.truncation_mode == "keep_start":
+                window = slice(None, self.max_length)
+            elif self.truncation_mode == "keep_end":
+                window = slice(-self.max_length, None)
+            else:
+                raise ValueError(f"Unsupported truncation mode {self.truncation_mode!r}: 'keep_start' or 'keep_end'.")
+            input_ids = [ids[window] for ids in input_ids]
+            completion_mask = [mask[window] for mask in completion_mask]
+
+        def padded(rows, value, dtype=torch.long):
+            rows = [torch.tensor(row, dtype=dtype) for row in rows]
+            return pad(rows, padding_value=value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+
+        batch = {
+            "input_ids": padded(input_ids, self.pad_token_id),
+            "attention_mask": padded([[1] * len(ids) for ids in input_ids], 0),
+            "completion_mask": padded(completion_mask, 0),
+        }
+        for key, value in examples[0].items():
+            if isinstance(value, Number) and key not in batch:
+                batch[key] = torch.tensor([example[key] for example in examples], dtype=torch.float32)
+        return batch
+
+
+class PointwiseTrainer(DPOTrainer):
+    """
+    Base of the pointwise trainers: a `trl.DPOTrainer` whose dataset is made of single (prompt, completion, reward)
+    samples and whose loss regresses `beta * log(pi_theta / pi_ref)` onto a per-sample target computed once, before
+    training, in the reference map stage (`_precompute_ref_logps`).
+
+    Subclasses set `_config_class` and say how the target is made:
+
+    - `_reference_columns`: columns the dataset needs on top of the accepted formats (any one of them);
+    - `_metric_columns`: per-sample columns of the map stage whose batch mean is logged;
+    - `_target_needs_ref_logps`: whether the target depends on the reference log-probabilities;
+    - `_check_dataset`: method-specific validation of the raw dataset;
+    - `_target_statistics` / `_regression_targets`: the target columns, from dataset statistics of the training set;
+    - `_loss_scale`: the factor in front of the squared residual.
+
+    The constructor takes the same arguments as `trl.DPOTrainer`.
+    """
+
+    _config_class = PointwiseConfig
+    _reference_columns: tuple[str, ...] = ()
+    _metric_columns: tuple[str, ...] = ()
+    _target_needs_ref_logps = False
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: PointwiseConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = self._config_class(f"{model_name.split('/')[-1]}-{self._name}")
+        elif not isinstance(args, self._config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self._config_class.__name__} as `args`, got {type(args).__name__}."
+            )
+        if isinstance(train_dataset, Dataset) and {"image", "images"} & set(train_dataset.column_names):
+            raise NotImplementedError(f"{type(self).__name__} does not support vision-language datasets.")
+        self._train_statistics = None
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        if not args.precompute_ref_log_probs:
+            # DPOTrainer runs `_precompute_ref_logps` over its datasets (in `__init__` and `evaluate`) only when it
+            # precomputes. Ours is the map stage that also builds the regression targets, so it must always run.
+            self.precompute_ref_logps = True
+            self.train_dataset = self._precompute_ref_logps(
+                self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size
+            )
+            eval_batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {
+                    name: self._precompute_ref_logps(dataset, name, eval_batch_size)
+                    for name, dataset in self.eval_dataset.items()
+                }
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", eval_batch_size)
+
+    # DPOTrainer.__init__ builds its pairwise collator (with the pad token it resolved) when none is given, and uses it
+    # before returning: the pointwise collator takes over its settings at assignment.
+    @property
+    def data_collator(self):
+        return self._data_collator
+
+    @data_collator.setter
+    def data_collator(self, collator):
+        if isinstance(collator, DataCollatorForPreference):
+            collator = DataCollatorForPointwise(
+                pad_token_id=collator.pad_token_id,
+                max_length=collator.max_length,
+                truncation_mode=collator.truncation_mode,
+                pad_to_multiple_of=collator.pad_to_multiple_of,
+            )
+        self._data_collator = collator
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Hooks of the subclasses
+
+    def _check_dataset(self, dataset: Dataset, args, dataset_name: str) -> None:
+        """Method-specific validation of the raw dataset (before any map), raising a ValueError naming column and row.
+        Runs before `Trainer.__init__`, hence `args` rather than `self.args`."""
+
+    def _target_statistics(self, dataset: Dataset, ref_logps: np.ndarray | None) -> dict:
+        """Statistics of the training dataset that the targets of every dataset use (e.g. reward mean and std)."""
+        return {}
+
+    def _regression_targets(self, dataset: Dataset, ref_logps: np.ndarray | None, statistics: dict) -> dict:
+        """Columns `target` and `_metric_columns`, as float64 arrays, for the prepared (pointwise, tokenised) dataset."""
+        raise NotImplementedError
+
+    def _loss_scale(self) -> float:
+        return 1.0
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Data
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if not isinstance(dataset, Dataset):
+            raise TypeError(
+                f"{type(self).__name__} needs a map-style `datasets.Dataset` for the {dataset_name} dataset (the "
+                f"reference map stage reads it whole), got {type(dataset).__name__}."
+            )
+        if "completion_ids" in dataset.column_names:  # already prepared, e.g. handed back to `evaluate()`
+            return dataset
+        check_columns(dataset, dataset_name, self._reference_columns)
+        check_rewards(dataset, dataset_name)
+        self._check_dataset(dataset, args, dataset_name)
+        map_kwargs = {"num_proc": args.dataset_num_proc}
+        with global_then_local_main_first():
+            dataset = to_pointwise(dataset, dataset_name, map_kwargs)
+            return self._tokenize(dataset, processing_class, args, dataset_name, map_kwargs)
+
+    def _tokenize(self, dataset: Dataset, processing_class, args, dataset_name: str, map_kwargs: dict) -> Dataset:
+        """
+        Add `prompt_ids` and `completion_ids`, tokenised as TRL's DPOTrainer does (EOS appended to text completions).
+        Like DPOTrainer, drop the samples whose prompt alone fills `max_length` (truncation would leave no completion
+        token); unlike it, say how many were dropped or truncated.
+        """
+        eos_token = self._tokenizer.eos_token
+        conversational = is_conversational(dataset[0])
+        drop_long_prompts = args.max_length is not None and args.truncation_mode == "keep_start"
+
+        def split_at_common_prefix(prompt_ids, full_ids):
+            # The completion starts where the tokenised prompt and prompt+completion diverge (see
+            # `trl.data_utils.common_prefix_length`), which is not always the end of the prompt.
+            prompt_len = common_prefix_length(prompt_ids, full_ids)
+            if prompt_len < len(prompt_ids):
+                logger.warning_once(
+                    "The tokenized prompt is not a prefix of the tokenized prompt+completion (chat template or token "
+                    "merge at the boundary); the completion starts where they diverge."
+                )
+            return full_ids[:prompt_len], full_ids[prompt_len:]
+
+        def tokenize(batch):
+            if conversational:
+                pairs = []
+                for i, (prompt, completion) in enumerate(zip(batch["prompt"], batch["completion"], strict=True)):
+                    tools = batch["tools"][i] if "tools" in batch else None
+                    tools = json.loads(tools) if isinstance(tools, str) else tools
+                    template_kwargs = {"tools": tools, **(batch["chat_template_kwargs"][i] if "chat_template_kwargs" in batch else {})}
+                    prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)
+                    full_ids = _tokenize(processing_class, prompt + completion, **template_kwargs)
+                    pairs.append(split_at_common_prefix(prompt_ids["input_ids"], full_ids["input_ids"]))
+            else:
+                completions = [c if c.endswith(eos_token) else c + eos_token for c in batch["completion"]]
+                prompt_ids = processing_class(text=batch["prompt"])["input_ids"]
+                texts = [p + c for p, c in zip(batch["prompt"], completions, strict=True)]
+                full_ids = processing_class(text=texts)["input_ids"]
+                pairs = [split_at_common_prefix(p, f) for p, f in zip(prompt_ids, full_ids, strict=True)]
+            # Rows are dropped inside the map rather than by a later filter, which would leave an indices mapping that
+            # adding the target columns has to flatten (a cache write on every process).
+            kept = [i for i, (p, _) in enumerate(pairs) if not drop_long_prompts or len(p) < args.max_length]
+            rows = {key: [values[i] for i in kept] for key, values in batch.items()}
+            rows["prompt_ids"] = [pairs[i][0] for i in kept]
+            rows["completion_ids"] = [pairs[i][1] for i in kept]
+            return rows
+
+        tokenized = dataset.map(
+            tokenize,
+            batched=True,
+            remove_columns=dataset.column_names,
+            desc=f"Tokenizing {dataset_name} dataset",
+            **map_kwargs,
+        )
+        if len(tokenized) < len(dataset):
+            logger.warning(
+                f"Dropped {len(dataset) - len(tokenized)} of {len(dataset)} samples of the {dataset_name} dataset whose "
+                f"prompt alone has max_length={args.max_length} tokens or more: truncation would leave no completion "
+                "token."
+            )
+        if args.max_length is not None:
+            lengths = pc.list_value_length(tokenized.with_format("arrow")["prompt_ids"]).to_numpy() + pc.list_value_length(
+                tokenized.with_format("arrow")["completion_ids"]
+            ).to_numpy()
+            truncated = int(np.sum(lengths > args.max_length))
+            if truncated:
+                logger.warning(
+                    f"{truncated} of {len(tokenized)} samples of the {dataset_name} dataset exceed max_length="
+                    f"{args.max_length} tokens and are truncated ({args.truncation_mode})."
+                )
+        return tokenized
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_ids", "completion_ids", "ref_logps", "target", *self._metric_columns]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Reference map stage
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        """
+        The reference map stage: adds the regression targets (and `_metric_columns`) and, when precomputing, the
+        reference log-probabilities `ref_logps`, as columns of `dataset`.
+        """
+        if "target" in dataset.column_names:
+            return dataset
+        ref_logps = None
+        if self.args.precompute_ref_log_probs or self._target_needs_ref_logps:
+            ref_logps = self._reference_logps(dataset, name, batch_size)
+        if self._train_statistics is None:
+            self._train_statistics = self._target_statistics(dataset, ref_logps)
+        columns = self._regression_targets(dataset, ref_logps, self._train_statistics)
+        if self.args.precompute_ref_log_probs:
+            columns["ref_logps"] = ref_logps
+        for column, values in columns.items():
+            dataset = dataset.add_column(column, np.asarray(values, dtype=np.float64))
+        return dataset
+
+    def _reference_logps(self, dataset: Dataset, name: str, batch_size: int) -> np.ndarray:
+        """
+        Reference log-probabilities of every sample, in dataset order, identical on every process.
+
+        Each process scores its shard and the results are all-gathered, so no file has to be shared between processes
+        (DPOTrainer's precompute writes a per-process temporary file for in-memory datasets, which the other ranks
+        cannot read). For a dataset backed by cache files, the result is also cached next to them, keyed by the
+        dataset and reference-model fingerprints.
+        """
+        cache_file = None
+        if dataset.cache_files and self._precompute_model_hash is not None:
+            settings = (self.args.logps_normalization, self.args.max_length, self.args.truncation_mode)
+            fingerprint = [Hasher.hash((dataset._fingerprint, self._precompute_model_hash, settings))]
+            broadcast_object_list(fingerprint, from_process=0)  # fingerprints may differ across ranks
+            cache_dir = os.path.dirname(dataset.cache_files[0]["filename"])
+            cache_file = os.path.join(cache_dir, f"qrpo_trl-ref_logps-{fingerprint[0]}.npy")
+        cached = [np.load(cache_file) if cache_file and self.accelerator.is_main_process and os.path.exists(cache_file) else None]
+        broadcast_object_list(cached, from_process=0)
+        if cached[0] is not None:
+            return cached[0]
+
+        columns = ["prompt_ids", "completion_ids"]
+        dataloader = DataLoader(
+            dataset.select_columns(columns),
+            batch_size=batch_size,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            shuffle=False,
+        )
+        dataloader = self.accelerator.prepare(dataloader)
+        # Before `train`, DeepSpeed parameters are still on CPU (ZeRO-1/2) or sharded (ZeRO-3): an inference engine
+        # places and gathers them, built once and reused (as DPOTrainer does).
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model if self.ref_model is not None else self.model
+        was_training = model.training
+        model.eval()
+        chunks = []
+        for batch in tqdm(
+            iterable=dataloader,
+            desc=f"Computing reference log-probs for {name} dataset",
+            disable=bool(os.environ.get("TQDM_DISABLE", "")),
+        ):
+            chunks.append(self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch)).cpu())
+        model.train(was_training)
+        ref_logps = torch.cat(chunks).double().numpy()
+        if cache_file and self.accelerator.is_main_process:
+            temporary = f"{cache_file}.{os.getpid()}.tmp.npy"
+            np.save(temporary, ref_logps)
+            os.replace(temporary, cache_file)
+        return ref_logps
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Log-probabilities and loss
+
+    def _sequence_logps(self, model, inputs) -> torch.Tensor:
+        """Sum (or per-token mean) of the completion-token log-probs, through TRL's fused LM head (no full logits)."""
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            labels=labels,
+            fused_lm_head=True,
+            use_cache=False,
+        )
+        shift_mask = completion_mask[:, 1:]
+        # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
+        logps = outputs.log_probs[:, -shift_mask.size(1) :].sum(dim=1)
+        if self.args.logps_normalization == "mean":
+            logps = logps / shift_mask.sum(dim=1).clamp(min=1)
+        return logps
+
+    def compute_ref_log_probs(self, model, inputs) -> torch.Tensor:
+        """Reference log-probabilities of a padded batch: `model` without gradients, PEFT adapters disabled if no ref_model."""
+        adapter_context = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped_model = self.accelerator.unwrap_model(self.model)
+            adapter_context = use_adapter(
+                unwrapped_model, adapter_name="ref" if "ref" in unwrapped_model.peft_config else None
+            )
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapter_context,
+            self.accelerator.autocast(),
+        ):
+            return self._sequence_logps(model, inputs)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        logps = self._sequence_logps(model, inputs)
+        if self.args.precompute_ref_log_probs:
+            ref_logps = inputs["ref_logps"]
+        else:
+            ref_logps = self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else model, inputs)
+        log_ratios = logps - ref_logps
+        residuals = inputs["target"] - self.beta * log_ratios
+        loss = self._loss_scale() * residuals.pow(2).mean()
+
+        # One all-gather for every logged per-sample statistic
+        statistics = {
+            "target": inputs["target"],
+            "log_ratio": log_ratios,
+            "rewards/implicit": self.beta * log_ratios,
+            "logps/policy": logps,
+            "logps/ref": ref_logps,
+            **{column: inputs[column] for column in self._metric_columns},
+        }
+        stacked = torch.stack([value.detach().float() for value in statistics.values()], dim=1)
+        means = self.accelerator.gather(stacked).mean(dim=0).tolist()
+        for key, value in zip(statistics, means, strict=True):
+            self._metrics[mode][key].append(value)
+        if mode == "train":
+            num_tokens = self.accelerator.gather(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+        if return_outputs:  # `compute_metrics` needs logits, which the fused LM head does not build
+            with torch.no_grad():
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            return loss, outputs
+        return loss

@@ -1,0 +1,88 @@
+from dataclasses import dataclass, field
+
+from .pointwise_config import PointwiseConfig, check_choice
+from .targets import PARTITIONS, TIES, TRANSFORMS
+
+
+@dataclass
+class QRPOConfig(PointwiseConfig):
+    r"""
+    Configuration class for the [`QRPOTrainer`], Quantile Reward Policy Optimization
+    ([Matrenok, Moalla, Gulcehre 2025](https://huggingface.co/papers/2507.08068)).
+
+    Each sample's reward becomes its quantile `q` among the rewards of completions sampled from the reference model for
+    the same prompt (`ref_rewards`), and the policy regresses `beta * log(pi_theta / pi_ref)` onto
+    `f(q) - beta * log Z_f`, where the partition function `Z_f` of the transformed quantile is known in closed form.
+
+    Only the parameters specific to QRPO are listed here; see [`PointwiseConfig`] for `beta`,
+    `precompute_ref_log_probs` and `logps_normalization`, and [`~trl.DPOConfig`] and
+    [`~transformers.TrainingArguments`] for the rest.
+
+    Parameters:
+        transform (`str`, *optional*, defaults to `"identity"`):
+            Transform `f` applied to the quantile reward, which shapes the optimal policy. Possible values are:
+
+                - `"identity"` (the paper's default): `f(q) = q`.
+                - `"log"`: `f(q) = log q` (q clamped to `>= 1/n`); the optimum is Best-of-N with `N = 1 + 1/beta`.
+                - `"square"`: `f(q) = q^2`.
+                - `"sqrt"`: `f(q) = sqrt(q)`.
+                - `"normal_icdf"`: `f(q) = Phi^-1(q)` (q clamped to `[1/n, (n-1)/n]`, needs `n >= 3`).
+                - `"scaled_normal_icdf"`: `f(q) = sigma_x * Phi^-1(q)`, with `sigma_x` the prompt's reference-reward
+                  standard deviation divided by its mean over the training prompts (needs `n >= 3`).
+        partition (`str`, *optional*, defaults to `"exact"`):
+            How `beta * log Z_f` is computed. Possible values are:
+
+                - `"exact"`: the closed form for a continuous uniform quantile, in stable float64.
+                - `"finite_n"`: the exact value for a quantile computed against `n` references, which is
+                  discrete-uniform on `{0, 1/n, ..., 1}` (a constant shift per `n`, largest for small `n`).
+                - `"approx"`: the official README's `log Z = log(beta) + 1/beta` (identity only), to reproduce the
+                  official code; it is off by `beta * log(1 - exp(-1/beta))` (0.145 at beta=0.5).
+        ties (`str`, *optional*, defaults to `"le"`):
+            How reference rewards equal to the sample's reward count. `"le"` (the official code) counts them fully,
+            which biases `q` upward with discrete rewards; `"mid"` (mid-rank) counts them as one half.
+        num_ref_rewards (`int`, *optional*):
+            Number of reference rewards to use per prompt: the first `num_ref_rewards` of `ref_rewards`, as the official
+            code does. Every row must have at least that many. If `None`, all of them are used.
+        exclude_self_from_ref (`bool`, *optional*, defaults to `False`):
+            Whether to remove the sample's own reward from its `ref_rewards` (once) before computing its quantile, for
+            training completions that are themselves reference samples. Each row's reward must then be among its
+            `ref_rewards`.
+    """
+
+    transform: str = field(
+        default="identity",
+        metadata={"help": "Transform f of the quantile reward.", "choices": list(TRANSFORMS)},
+    )
+    partition: str = field(
+        default="exact",
+        metadata={
+            "help": "How beta * log Z is computed: 'exact' (continuous closed form), 'finite_n' (exact for n "
+            "references) or 'approx' (official README, identity only).",
+            "choices": list(PARTITIONS),
+        },
+    )
+    ties: str = field(
+        default="le",
+        metadata={"help": "Ties in the quantile: 'le' (official) or 'mid' (mid-rank).", "choices": list(TIES)},
+    )
+    num_ref_rewards: int | None = field(
+        default=None,
+        metadata={"help": "Use the first n reference rewards of each prompt. None uses all of them."},
+    )
+    exclude_self_from_ref: bool = field(
+        default=False,
+        metadata={"help": "Remove the sample's own reward from its reference rewards before computing its quantile."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("transform", self.transform, TRANSFORMS)
+        check_choice("partition", self.partition, PARTITIONS)
+        check_choice("ties", self.ties, TIES)
+        if self.partition == "approx" and self.transform != "identity":
+            raise ValueError(
+                f"`partition='approx'` is the official README's log Z = log(beta) + 1/beta, which only holds for "
+                f"`transform='identity'`, not {self.transform!r}."
+            )
+        if self.num_ref_rewards is not None and self.num_ref_rewards < 1:
+            raise ValueError(f"`num_ref_rewards` must be >= 1 or None, got {self.num_ref_rewards}.")

@@ -1,0 +1,160 @@
+import textwrap
+
+import numpy as np
+
+from .data_utils import float_column, prompt_groups, ragged_float_column, reward_columns
+from .pointwise_trainer import PointwiseTrainer
+from .qrpo_config import QRPOConfig
+from .targets import (
+    MIN_REFERENCES,
+    TRANSFORMS_NEEDING_N,
+    beta_log_partition,
+    pad_ragged,
+    quantile_rewards,
+    reference_stds,
+    transform_quantiles,
+)
+
+
+class QRPOTrainer(PointwiseTrainer):
+    """
+    Trainer for Quantile Reward Policy Optimization (QRPO), from the paper [Quantile Reward Policy Optimization:
+    Alignment with Pointwise Regression and Exact Partition
+    Functions](https://huggingface.co/papers/2507.08068). A drop-in replacement for [`~trl.DPOTrainer`]: same
+    constructor, and `isinstance(trainer, DPOTrainer)` holds.
+
+    Each sample's reward `r` becomes its quantile `q` among `ref_rewards`, the rewards of completions sampled from the
+    reference model for the same prompt; the policy then regresses `beta * log(pi_theta(y|x) / pi_ref(y|x))` onto
+    `f(q) - beta * log Z_f` with a squared loss, where `Z_f` is known in closed form (see [`QRPOConfig`]). Targets and
+    reference log-probabilities are computed once, before training.
+
+    Dataset formats (standard text or conversational):
+
+    - pointwise: `prompt`, `completion`, `reward`, and `ref_rewards` (list of floats) or a precomputed
+      `quantile_reward`;
+    - paired with scores: `prompt`, `chosen`, `rejected`, `chosen_reward`/`rejected_reward` (or
+      `score_chosen`/`score_rejected`) and `ref_rewards`: each pair becomes two pointwise samples.
+
+    If both `ref_rewards` and `quantile_reward` are present, the quantile is computed from `ref_rewards`.
+
+    Args:
+        Same as [`~trl.DPOTrainer`], with `args` a [`QRPOConfig`].
+    """
+
+    _config_class = QRPOConfig
+    _reference_columns = ("ref_rewards", "quantile_reward")
+    _metric_columns = ("quantile",)
+    _tag_names = ["trl", "qrpo"]
+    _name = "QRPO"
+    _paper = {
+        "title": "Quantile Reward Policy Optimization: Alignment with Pointwise Regression and Exact Partition Functions",
+        "id": "2507.08068",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{matrenok2025qrpo,
+                title        = {{Quantile Reward Policy Optimization: Alignment with Pointwise Regression and Exact Partition Functions}},
+                author       = {Simon Matrenok and Skander Moalla and Caglar Gulcehre},
+                year         = 2025,
+                eprint       = {arXiv:2507.08068},
+            }"""),
+    }
+
+    def _check_dataset(self, dataset, args, dataset_name):
+        if "ref_rewards" not in dataset.column_names:
+            self._check_quantile_column(dataset, args, dataset_name)
+            return
+        ref_rewards = ragged_float_column(dataset, "ref_rewards", dataset_name)
+        needed = max(args.num_ref_rewards or 1, MIN_REFERENCES.get(args.transform, 1))
+        needed += args.exclude_self_from_ref
+        lengths = np.array([len(refs) for refs in ref_rewards])
+        short = np.flatnonzero(lengths < needed)
+        if short.size:
+            reasons = [f"num_ref_rewards={args.num_ref_rewards}" if args.num_ref_rewards else "at least one reference"]
+            if args.transform in MIN_REFERENCES:
+                reasons.append(f"transform={args.transform!r} needs {MIN_REFERENCES[args.transform]}")
+            if args.exclude_self_from_ref:
+                reasons.append("exclude_self_from_ref=True removes one")
+            raise ValueError(
+                f"Column 'ref_rewards' of the {dataset_name} dataset, row {short[0]}: has {lengths[short[0]]} reference "
+                f"rewards, but at least {needed} are needed ({'; '.join(reasons)}). {short.size} rows are short."
+            )
+        if args.exclude_self_from_ref:
+            for column in reward_columns(dataset.column_names):
+                rewards = float_column(dataset, column, dataset_name)
+                for row, (reward, refs) in enumerate(zip(rewards, ref_rewards, strict=True)):
+                    if not np.isclose(refs, reward, rtol=1e-6, atol=1e-9).any():
+                        raise ValueError(
+                            f"Column '{column}' of the {dataset_name} dataset, row {row}: exclude_self_from_ref=True "
+                            f"but the reward {reward} is not among the row's ref_rewards."
+                        )
+
+    @staticmethod
+    def _check_quantile_column(dataset, args, dataset_name):
+        if "completion" not in dataset.column_names:
+            raise ValueError(
+                f"The {dataset_name} dataset is paired, and its single `quantile_reward` column cannot belong to both "
+                "the chosen and the rejected completion: give `ref_rewards` instead."
+            )
+        quantiles = float_column(dataset, "quantile_reward", dataset_name)
+        outside = np.flatnonzero((quantiles < 0) | (quantiles > 1))
+        if outside.size:
+            raise ValueError(
+                f"Column 'quantile_reward' of the {dataset_name} dataset, row {outside[0]}: expected a quantile in "
+                f"[0, 1], got {quantiles[outside[0]]}."
+            )
+        if args.transform == "scaled_normal_icdf" or args.exclude_self_from_ref:
+            setting = "exclude_self_from_ref=True" if args.exclude_self_from_ref else "transform='scaled_normal_icdf'"
+            raise ValueError(f"{setting} needs the reference rewards: the {dataset_name} dataset has only `quantile_reward`.")
+        if (args.transform in TRANSFORMS_NEEDING_N or args.partition == "finite_n") and args.num_ref_rewards is None:
+            raise ValueError(
+                f"transform={args.transform!r} with partition={args.partition!r} needs the number of references n, "
+                f"which the {dataset_name} dataset's `quantile_reward` column does not carry: set `num_ref_rewards` to "
+                "the number of references the quantiles were computed against."
+            )
+        if args.num_ref_rewards is not None and args.num_ref_rewards < MIN_REFERENCES.get(args.transform, 1):
+            raise ValueError(
+                f"transform={args.transform!r} needs at least {MIN_REFERENCES[args.transform]} references, but "
+                f"num_ref_rewards={args.num_ref_rewards}."
+            )
+
+    def _references(self, dataset, dataset_name) -> list[np.ndarray]:
+        """Each row's reference rewards as used: own reward removed (if asked), then the first `num_ref_rewards`."""
+        ref_rewards = ragged_float_column(dataset, "ref_rewards", dataset_name)
+        if self.args.exclude_self_from_ref:
+            rewards = float_column(dataset, "reward", dataset_name)
+            ref_rewards = [
+                np.delete(refs, np.flatnonzero(np.isclose(refs, reward, rtol=1e-6, atol=1e-9))[0])
+                for refs, reward in zip(ref_rewards, rewards, strict=True)
+            ]
+        return [refs[: self.args.num_ref_rewards] for refs in ref_rewards]
+
+    def _target_statistics(self, dataset, ref_logps):
+        if self.args.transform != "scaled_normal_icdf":
+            return {}
+        # sigma_x is normalised by the mean over the training prompts of the reference-reward standard deviation
+        stds = reference_stds(pad_ragged(self._references(dataset, "train")))
+        groups = prompt_groups(dataset)
+        _, first_rows = np.unique(groups, return_index=True)
+        mean_std = float(stds[first_rows].mean())
+        if not mean_std > 0:
+            raise ValueError(
+                "transform='scaled_normal_icdf' scales by the reference-reward standard deviation, which is 0 for every "
+                "prompt of the train dataset."
+            )
+        return {"mean_ref_std": mean_std}
+
+    def _regression_targets(self, dataset, ref_logps, statistics):
+        args = self.args
+        scale = None
+        if "ref_rewards" in dataset.column_names:
+            references = pad_ragged(self._references(dataset, "prepared"))
+            num_references = np.sum(~np.isnan(references), axis=1)
+            quantiles = quantile_rewards(float_column(dataset, "reward", "prepared"), references, args.ties)
+            if args.transform == "scaled_normal_icdf":
+                scale = reference_stds(references) / statistics["mean_ref_std"]
+        else:
+            num_references = args.num_ref_rewards
+            quantiles = float_column(dataset, "quantile_reward", "prepared")
+        transformed = transform_quantiles(quantiles, args.transform, n=num_references, scale=scale)
+        log_partition = beta_log_partition(args.transform, args.beta, args.partition, n=num_references, scale=scale)
+        return {"target": transformed - log_partition, "quantile": quantiles}

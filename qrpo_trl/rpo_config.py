@@ -1,0 +1,51 @@
+from dataclasses import dataclass, field
+
+from .pointwise_config import PointwiseConfig, check_choice
+from .targets import VALUE_ESTIMATORS
+
+
+@dataclass
+class RPOConfig(PointwiseConfig):
+    r"""
+    Configuration class for the [`RPOTrainer`], Reward Partitioning Optimization (Faye, Azzag, Lebbah 2025).
+
+    RPO regresses `log(pi_theta / pi_ref)` onto `(r - V(x)) / beta`, with the loss
+    `0.5 * (log pi_theta - log pi_ref - (r - V(x)) / beta)^2`, where the value `V(x)` is estimated once, before training,
+    from the reference log-probabilities and rewards of all the dataset's completions of prompt `x`. `beta` is the
+    paper's temperature τ.
+
+    This is not TRL's former `rpo_alpha` ("iterative reasoning preference optimization", a DPO + NLL mix removed in TRL
+    0.29).
+
+    Only the parameters specific to RPO are listed here; see [`PointwiseConfig`] for `beta`,
+    `precompute_ref_log_probs` and `logps_normalization` (the paper's code uses `"mean"`), and [`~trl.DPOConfig`] and
+    [`~transformers.TrainingArguments`] for the rest.
+
+    Parameters:
+        value_estimator (`str`, *optional*, defaults to `"ref_weighted"`):
+            How `V(x)` is estimated from the completions `y_j` of `x`. Possible values are:
+
+                - `"ref_weighted"` (the paper): `V(x) = beta * log sum_j pi_ref(y_j|x) exp(r_j / beta)`, which makes
+                  the trained policy a softmax over the observed completions.
+                - `"monte_carlo"`: `V(x) = beta * log(1/n sum_j exp(r_j / beta))`, the Monte Carlo estimate of
+                  `beta * log E_ref[exp(r / beta)]`, suited to completions sampled from the reference model.
+        normalize_rewards (`bool`, *optional*, defaults to `False`):
+            Whether to z-score the rewards over the training dataset (mean 0, standard deviation 1), as in the paper's
+            experiments. Evaluation datasets use the training statistics.
+    """
+
+    value_estimator: str = field(
+        default="ref_weighted",
+        metadata={
+            "help": "How V(x) is estimated: 'ref_weighted' (the paper) or 'monte_carlo'.",
+            "choices": list(VALUE_ESTIMATORS),
+        },
+    )
+    normalize_rewards: bool = field(
+        default=False,
+        metadata={"help": "Z-score the rewards over the training dataset."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("value_estimator", self.value_estimator, VALUE_ESTIMATORS)

@@ -1,0 +1,71 @@
+import numpy as np
+from accelerate.logging import get_logger
+
+from .data_utils import float_column, prompt_groups, reward_columns
+from .pointwise_trainer import PointwiseTrainer
+from .rpo_config import RPOConfig
+from .targets import rpo_values
+
+
+logger = get_logger(__name__)
+
+
+class RPOTrainer(PointwiseTrainer):
+    """
+    Trainer for Reward Partitioning Optimization (RPO), from the paper "Value-Free Policy Optimization via Reward
+    Partitioning" (Faye, Azzag, Lebbah 2025). A drop-in replacement for [`~trl.DPOTrainer`]: same constructor, and
+    `isinstance(trainer, DPOTrainer)` holds. Not TRL's former `rpo_alpha` (a DPO + NLL mix removed in TRL 0.29).
+
+    The value of each prompt, `V(x) = beta * log sum_j pi_ref(y_j|x) exp(r_j / beta)` over all the dataset's
+    completions of `x`, is computed once from the reference model before training; the policy then minimises
+    `0.5 * (log pi_theta(y|x) - log pi_ref(y|x) - (r - V(x)) / beta)^2`. At the optimum the policy is a softmax over
+    the observed completions of each prompt, so a prompt with a single completion degenerates to maximising its
+    likelihood.
+
+    Dataset formats (standard text or conversational): pointwise `prompt`, `completion`, `reward`, with several
+    completions per prompt; or paired with scores (`prompt`, `chosen`, `rejected`, `chosen_reward`/`rejected_reward` or
+    `score_chosen`/`score_rejected`), each pair becoming two pointwise samples.
+
+    Args:
+        Same as [`~trl.DPOTrainer`], with `args` an [`RPOConfig`].
+    """
+
+    _config_class = RPOConfig
+    _metric_columns = ("value",)
+    _tag_names = ["trl", "rpo"]
+    _name = "RPO"
+    _paper = {"title": "Value-Free Policy Optimization via Reward Partitioning"}
+
+    @property
+    def _target_needs_ref_logps(self):
+        return self.args.value_estimator == "ref_weighted"
+
+    def _loss_scale(self):
+        # 0.5 * (log-ratio - (r - V) / beta)^2 == 0.5 / beta^2 * ((r - V) - beta * log-ratio)^2
+        return 0.5 / self.beta**2
+
+    def _check_dataset(self, dataset, args, dataset_name):
+        if args.normalize_rewards and dataset_name == "train":
+            rewards = np.concatenate([float_column(dataset, column, dataset_name) for column in reward_columns(dataset.column_names)])
+            if not rewards.std() > 0:
+                raise ValueError(f"normalize_rewards=True, but every reward of the {dataset_name} dataset is the same.")
+
+    def _target_statistics(self, dataset, ref_logps):
+        if not self.args.normalize_rewards:
+            return {}
+        rewards = float_column(dataset, "reward", "train")
+        return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())}
+
+    def _regression_targets(self, dataset, ref_logps, statistics):
+        rewards = float_column(dataset, "reward", "prepared")
+        if self.args.normalize_rewards:
+            rewards = (rewards - statistics["reward_mean"]) / statistics["reward_std"]
+        groups = prompt_groups(dataset)
+        sizes = np.bincount(groups)
+        if (sizes == 1).any():
+            logger.warning(
+                f"{int((sizes == 1).sum())} of {sizes.size} prompts have a single completion: RPO's target for it is "
+                "-beta * log pi_ref(y|x), so its loss degenerates to maximising that completion's likelihood."
+            )
+        values = rpo_values(groups, rewards, ref_logps, self.beta, self.args.value_estimator)
+        return {"target": rewards - values, "value": values}

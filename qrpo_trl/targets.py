@@ -1,0 +1,207 @@
+"""The math of the QRPO and RPO regression targets: pure float64 NumPy/SciPy, no model.
+
+Both methods fit the closed-form optimum of KL-regularised RL,
+``beta * log(pi*(y|x) / pi_ref(y|x)) = R(x, y) - beta * log Z(x)``, by regressing
+``beta * (logp_theta - logp_ref)`` onto a target computed here once per sample:
+
+- QRPO (Matrenok, Moalla, Gulcehre 2025): ``target = f(q) - beta * log Z_f`` where ``q`` is the quantile of the reward
+  among rewards of reference-model samples for the same prompt, and ``Z_f`` has a closed form.
+- RPO, Reward Partitioning Optimization (Faye, Azzag, Lebbah 2025): ``target = r - V(x)`` with the per-prompt value
+  ``V(x) = tau * log sum_j pi_ref(y_j|x) exp(r_j / tau)`` over the dataset's completions of ``x``.
+
+Partition functions are returned as ``beta * log Z`` in float64 and never go through ``exp(1/beta)``, which overflows
+float64 for beta < 0.0014.
+"""
+
+import math
+
+import numpy as np
+from scipy.special import dawsn, logsumexp, ndtri
+
+
+TRANSFORMS = ("identity", "log", "square", "sqrt", "normal_icdf", "scaled_normal_icdf")
+PARTITIONS = ("exact", "finite_n", "approx")
+TIES = ("le", "mid")
+VALUE_ESTIMATORS = ("ref_weighted", "monte_carlo")
+LOGPS_NORMALIZATIONS = ("sum", "mean")
+# The normal transforms clamp q to [1/n, (n-1)/n], an empty or single-point range below 3 references
+MIN_REFERENCES = {"normal_icdf": 3, "scaled_normal_icdf": 3}
+# Transforms whose clamping of q depends on the number of references n
+TRANSFORMS_NEEDING_N = ("log", "normal_icdf", "scaled_normal_icdf")
+
+
+def pad_ragged(rows: list) -> np.ndarray:
+    """Stack lists of unequal length into a float64 matrix, padded with NaN (which every comparison treats as absent)."""
+    width = max((len(row) for row in rows), default=0)
+    out = np.full((len(rows), width), np.nan)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def quantile_rewards(rewards: np.ndarray, ref_rewards: np.ndarray, ties: str = "le") -> np.ndarray:
+    """
+    Empirical quantile of each reward among its reference rewards.
+
+    Args:
+        rewards: shape `(N,)`.
+        ref_rewards: shape `(N, n)`, NaN-padded where a row has fewer than `n` references.
+        ties: `"le"` counts references `<=` the reward (the official code's right-continuous CDF); `"mid"` counts
+            ties as one half (mid-rank), which removes the upward bias of `"le"` on discrete rewards.
+
+    Returns:
+        `q` of shape `(N,)`, in `[0, 1]`.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)[:, None]
+    ref_rewards = np.asarray(ref_rewards, dtype=np.float64)
+    counts = np.sum(~np.isnan(ref_rewards), axis=1)
+    below = np.sum(ref_rewards < rewards, axis=1)
+    equal = np.sum(ref_rewards == rewards, axis=1)
+    if ties == "le":
+        hits = below + equal
+    elif ties == "mid":
+        hits = below + 0.5 * equal
+    else:
+        raise ValueError(f"Unknown ties {ties!r}; expected one of {TIES}.")
+    return hits / counts
+
+
+def transform_quantiles(q, transform: str, n=None, scale=None) -> np.ndarray:
+    """
+    The transform `f(q)` applied to quantile rewards.
+
+    `log` clamps `q` to `>= 1/n`; `normal_icdf` and `scaled_normal_icdf` clamp it to `[1/n, (n-1)/n]`, where `n` is
+    the number of references (scalar or per row). `scaled_normal_icdf` multiplies by the per-prompt `scale`
+    (sigma_x).
+    """
+    q = np.asarray(q, dtype=np.float64)
+    if transform in TRANSFORMS_NEEDING_N:
+        if n is None:
+            raise ValueError(f"transform={transform!r} clamps q by 1/n and needs the number of references n.")
+        n = np.asarray(n, dtype=np.float64)
+    if transform == "identity":
+        return q
+    if transform == "log":
+        return np.log(np.maximum(q, 1.0 / n))
+    if transform == "square":
+        return q**2
+    if transform == "sqrt":
+        return np.sqrt(q)
+    if transform in ("normal_icdf", "scaled_normal_icdf"):
+        values = ndtri(np.clip(q, 1.0 / n, (n - 1.0) / n))
+        if transform == "normal_icdf":
+            return values
+        if scale is None:
+            raise ValueError("transform='scaled_normal_icdf' needs the per-prompt scale sigma_x.")
+        return np.asarray(scale, dtype=np.float64) * values
+    raise ValueError(f"Unknown transform {transform!r}; expected one of {TRANSFORMS}.")
+
+
+def _exact_beta_log_partition(transform: str, beta: float, scale=None):
+    """`beta * log Z` for q ~ Uniform(0, 1), in the closed forms that stay finite for any beta > 0."""
+    if transform == "identity":  # Z = beta * (exp(1/beta) - 1)
+        return beta * math.log(beta) + 1.0 + beta * math.log1p(-math.exp(-1.0 / beta))
+    if transform == "log":  # Z = beta / (1 + beta)
+        return beta * math.log(beta) - beta * math.log1p(beta)
+    if transform == "square":  # Z = sqrt(pi * beta) / 2 * erfi(1 / sqrt(beta)), written with Dawson's function
+        return 1.0 + beta * math.log(math.sqrt(beta) * dawsn(1.0 / math.sqrt(beta)))
+    if transform == "sqrt":  # Z = 2 * beta * (beta + (1 - beta) * exp(1/beta))
+        return beta * math.log(2.0 * beta) + 1.0 + beta * math.log(1.0 - beta + beta * math.exp(-1.0 / beta))
+    if transform == "normal_icdf":  # Z = E[exp(X / beta)], X ~ N(0, 1)
+        return 1.0 / (2.0 * beta)
+    if transform == "scaled_normal_icdf":
+        return np.asarray(scale, dtype=np.float64) ** 2 / (2.0 * beta)
+    raise ValueError(f"Unknown transform {transform!r}; expected one of {TRANSFORMS}.")
+
+
+def _finite_n_beta_log_partition(transform: str, beta: float, n, scale=None) -> np.ndarray:
+    """`beta * log Z_n` with `Z_n = 1/(n+1) sum_k exp(f(k/n) / beta)`: q is discrete-uniform on {0, 1/n, ..., 1}."""
+    n = np.asarray(n, dtype=np.int64)
+    scaled = transform == "scaled_normal_icdf"
+    if scaled:
+        scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), n.shape)
+    out = np.empty(n.shape, dtype=np.float64)
+    for count in np.unique(n):
+        rows = n == count
+        grid = transform_quantiles(np.arange(count + 1) / count, "normal_icdf" if scaled else transform, n=count)
+        if scaled:  # sigma_x * Phi^-1(k/n): a different grid per row
+            out[rows] = beta * (logsumexp(scale[rows, None] * grid[None, :] / beta, axis=1) - math.log(count + 1))
+        else:
+            out[rows] = beta * (logsumexp(grid / beta) - math.log(count + 1))
+    return out
+
+
+def beta_log_partition(transform: str, beta: float, partition: str = "exact", n=None, scale=None):
+    """
+    `beta * log Z_f`, the constant (per prompt for `scaled_normal_icdf`) subtracted from `f(q)` in the QRPO target.
+
+    Args:
+        transform: one of `TRANSFORMS`.
+        beta: KL coefficient, `> 0`.
+        partition: `"exact"` (q continuous uniform, closed form), `"finite_n"` (q discrete-uniform on
+            `{0, 1/n, ..., 1}`, exact for `n` references) or `"approx"` (the official README's `log(beta) + 1/beta`,
+            identity only, which drops `beta * log(1 - exp(-1/beta))`).
+        n: number of references, scalar or per row (needed by `"finite_n"`).
+        scale: per-row sigma_x (needed by `scaled_normal_icdf`).
+
+    Returns:
+        A float, or an array with the shape of `n`/`scale` when the value varies per row.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}.")
+    if transform == "scaled_normal_icdf" and scale is None:
+        raise ValueError("transform='scaled_normal_icdf' needs the per-prompt scale sigma_x.")
+    if partition == "exact":
+        return _exact_beta_log_partition(transform, beta, scale)
+    if partition == "finite_n":
+        if n is None:
+            raise ValueError("partition='finite_n' needs the number of references n.")
+        return _finite_n_beta_log_partition(transform, beta, n, scale)
+    if partition == "approx":
+        if transform != "identity":
+            raise ValueError(
+                f"partition='approx' is the official README's log Z = log(beta) + 1/beta, which only holds for "
+                f"transform='identity', not {transform!r}."
+            )
+        return beta * math.log(beta) + 1.0
+    raise ValueError(f"Unknown partition {partition!r}; expected one of {PARTITIONS}.")
+
+
+def reference_stds(ref_rewards: np.ndarray) -> np.ndarray:
+    """Per-row sample standard deviation (ddof=1) of NaN-padded reference rewards: sigma_x before normalisation."""
+    return np.nanstd(np.asarray(ref_rewards, dtype=np.float64), axis=1, ddof=1)
+
+
+def group_logsumexp(groups: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """`logsumexp` of `scores` within each group, for group labels `0..G-1`; returns shape `(G,)`."""
+    groups = np.asarray(groups, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    num_groups = int(groups.max()) + 1 if groups.size else 0
+    maxima = np.full(num_groups, -np.inf)
+    np.maximum.at(maxima, groups, scores)
+    sums = np.zeros(num_groups)
+    np.add.at(sums, groups, np.exp(scores - maxima[groups]))
+    return maxima + np.log(sums)
+
+
+def rpo_values(groups, rewards, ref_logps, tau: float, estimator: str = "ref_weighted") -> np.ndarray:
+    """
+    Per-row value `V(x)` of RPO, over all rows that share the prompt's group label.
+
+    - `"ref_weighted"` (the paper): `V = tau * log sum_j pi_ref(y_j|x) exp(r_j / tau)`, computed as
+      `tau * logsumexp(logp_ref_j + r_j / tau)` because the direct sum of sequence probabilities underflows.
+    - `"monte_carlo"`: `V = tau * (logsumexp(r_j / tau) - log n_x)`, the Monte Carlo estimate of
+      `tau * log E_ref[exp(r / tau)]` for completions sampled from the reference model.
+    """
+    if not tau > 0:
+        raise ValueError(f"tau (beta) must be > 0, got {tau}.")
+    groups = np.asarray(groups, dtype=np.int64)
+    scores = np.asarray(rewards, dtype=np.float64) / tau
+    if estimator == "ref_weighted":
+        scores = scores + np.asarray(ref_logps, dtype=np.float64)
+        values = group_logsumexp(groups, scores)
+    elif estimator == "monte_carlo":
+        values = group_logsumexp(groups, scores) - np.log(np.bincount(groups))
+    else:
+        raise ValueError(f"Unknown value_estimator {estimator!r}; expected one of {VALUE_ESTIMATORS}.")
+    return tau * values[groups]
