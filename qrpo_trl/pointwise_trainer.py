@@ -20,13 +20,20 @@ from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
+from transformers import AutoConfig
 from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOTrainer
-from trl.data_utils import _tokenize, common_prefix_length, is_conversational
+from trl.data_utils import _tokenize, apply_chat_template, common_prefix_length, is_conversational
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
-from trl.trainer.utils import get_config_model_id, global_then_local_main_first, pad, use_adapter
+from trl.trainer.utils import (
+    get_config_model_id,
+    global_then_local_main_first,
+    pad,
+    selective_log_softmax,
+    use_adapter,
+)
 
 from .data_utils import check_columns, check_rewards, to_pointwise
 from .pointwise_config import PointwiseConfig
@@ -35,30 +42,48 @@ from .pointwise_config import PointwiseConfig
 logger = get_logger(__name__)
 
 
+def disable_float_dropout(model: torch.nn.Module) -> None:
+    """
+    Zero the dropout probabilities that modules keep as plain floats rather than in `nn.Dropout` modules (T5
+    attention's `dropout`, the `attention_dropout` of many decoder-only attentions): TRL's `disable_dropout_in_model`
+    only reaches the latter.
+    """
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
 @dataclass
 class DataCollatorForPointwise(DataCollatorMixin):
     """
-    Pads pointwise samples for a decoder-only model.
+    Pads pointwise samples for a decoder-only or an encoder-decoder model.
 
-    Each example holds `prompt_ids` and `completion_ids`; the batch gets `input_ids` (prompt + completion, right
-    padded), `attention_mask` and `completion_mask`. Numeric scalar fields (`ref_logps`, `target`, logged statistics)
-    are stacked into float tensors; other fields are ignored.
+    Each example holds `prompt_ids` and `completion_ids`. For a decoder-only model the batch gets `input_ids` (prompt +
+    completion, right padded), `attention_mask` and `completion_mask`; for an encoder-decoder model, `input_ids` and
+    `attention_mask` (the prompt, for the encoder) and `labels` (the completion, the decoder target, padded with -100).
+    Numeric scalar fields (`ref_logps`, `target`, logged statistics) are stacked into float tensors; other fields are
+    ignored.
 
     Args:
         pad_token_id (`int`):
             Token ID used for padding.
         max_length (`int`, *optional*):
-            Sequences longer than this are truncated before padding, as in TRL's `DataCollatorForPreference`.
+            Sequences longer than this are truncated before padding, as in TRL's `DataCollatorForPreference`. For an
+            encoder-decoder model it bounds prompt + completion together, truncated the same way.
         truncation_mode (`str`, *optional*, defaults to `"keep_start"`):
             `"keep_start"` or `"keep_end"`.
         pad_to_multiple_of (`int`, *optional*):
             If set, sequences are padded to a multiple of this value.
+        is_encoder_decoder (`bool`, *optional*, defaults to `False`):
+            Whether to build encoder inputs and decoder `labels` rather than one decoder-only sequence.
     """
 
     pad_token_id: int
     max_length: int | None = None
     truncation_mode: str = "keep_start"
     pad_to_multiple_of: int | None = None
+    is_encoder_decoder: bool = False
     return_tensors: str = "pt"
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -78,11 +103,22 @@ class DataCollatorForPointwise(DataCollatorMixin):
             rows = [torch.tensor(row, dtype=dtype) for row in rows]
             return pad(rows, padding_value=value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
 
-        batch = {
-            "input_ids": padded(input_ids, self.pad_token_id),
-            "attention_mask": padded([[1] * len(ids) for ids in input_ids], 0),
-            "completion_mask": padded(completion_mask, 0),
-        }
+        if self.is_encoder_decoder:
+            # Truncated like one sequence above, then split: the prompt feeds the encoder, the completion is the target
+            prompt_lengths = [mask.count(0) for mask in completion_mask]
+            prompt_ids = [ids[:length] for ids, length in zip(input_ids, prompt_lengths, strict=True)]
+            labels = [ids[length:] for ids, length in zip(input_ids, prompt_lengths, strict=True)]
+            batch = {
+                "input_ids": padded(prompt_ids, self.pad_token_id),
+                "attention_mask": padded([[1] * len(ids) for ids in prompt_ids], 0),
+                "labels": padded(labels, -100),
+            }
+        else:
+            batch = {
+                "input_ids": padded(input_ids, self.pad_token_id),
+                "attention_mask": padded([[1] * len(ids) for ids in input_ids], 0),
+                "completion_mask": padded(completion_mask, 0),
+            }
         for key, value in examples[0].items():
             if isinstance(value, Number) and key not in batch:
                 batch[key] = torch.tensor([example[key] for example in examples], dtype=torch.float32)
@@ -137,6 +173,13 @@ class PointwiseTrainer(DPOTrainer):
         if isinstance(train_dataset, Dataset) and {"image", "images"} & set(train_dataset.column_names):
             raise NotImplementedError(f"{type(self).__name__} does not support vision-language datasets.")
         self._train_statistics = None
+        # `_prepare_dataset` tokenises for the architecture, but runs before DPOTrainer has loaded and stored the model
+        if isinstance(model, str):
+            revision = (args.model_init_kwargs or {}).get("revision")
+            config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=args.trust_remote_code)
+        else:
+            config = model.config
+        self.is_encoder_decoder = config.is_encoder_decoder
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -151,6 +194,12 @@ class PointwiseTrainer(DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        if args.disable_dropout:
+            # DPOTrainer's `disable_dropout_in_model` only reaches `nn.Dropout` modules, not the attention dropout T5
+            # keeps in a float: training forwards and an on-the-fly reference (LoRA adapters off) would stay random
+            for module in (self.model, self.ref_model):
+                if module is not None:
+                    disable_float_dropout(module)
         if not args.precompute_ref_log_probs:
             # DPOTrainer runs `_precompute_ref_logps` over its datasets (in `__init__` and `evaluate`) only when it
             # precomputes. Ours is the map stage that also builds the regression targets, so it must always run.
@@ -181,6 +230,7 @@ class PointwiseTrainer(DPOTrainer):
                 max_length=collator.max_length,
                 truncation_mode=collator.truncation_mode,
                 pad_to_multiple_of=collator.pad_to_multiple_of,
+                is_encoder_decoder=self.is_encoder_decoder,
             )
         self._data_collator = collator
 
@@ -226,8 +276,12 @@ class PointwiseTrainer(DPOTrainer):
         Add `prompt_ids` and `completion_ids`, tokenised as TRL's DPOTrainer does (EOS appended to text completions).
         Like DPOTrainer, drop the samples whose prompt alone fills `max_length` (truncation would leave no completion
         token); unlike it, say how many were dropped or truncated.
+
+        For an encoder-decoder model the prompt (the encoder input) and the completion (the decoder target) are
+        tokenised apart, each with the tokenizer's special tokens as such models are trained (T5 appends EOS to both),
+        conversations first rendered to text by the chat template; the completion ends with EOS exactly once.
         """
-        eos_token = self._tokenizer.eos_token
+        eos_token, eos_token_id = self._tokenizer.eos_token, self._tokenizer.eos_token_id
         conversational = is_conversational(dataset[0])
         drop_long_prompts = args.max_length is not None and args.truncation_mode == "keep_start"
 
@@ -242,15 +296,36 @@ class PointwiseTrainer(DPOTrainer):
                 )
             return full_ids[:prompt_len], full_ids[prompt_len:]
 
-        def tokenize(batch):
+        def template_kwargs(batch, i):
+            tools = batch["tools"][i] if "tools" in batch else None
+            tools = json.loads(tools) if isinstance(tools, str) else tools
+            return {"tools": tools, **(batch["chat_template_kwargs"][i] if "chat_template_kwargs" in batch else {})}
+
+        def encoder_decoder_pairs(batch):
+            prompts, completions = batch["prompt"], batch["completion"]
             if conversational:
+                texts = [
+                    apply_chat_template({"prompt": p, "completion": c}, processing_class, **template_kwargs(batch, i))
+                    for i, (p, c) in enumerate(zip(prompts, completions, strict=True))
+                ]
+                prompts, completions = [text["prompt"] for text in texts], [text["completion"] for text in texts]
+            prompt_ids = processing_class(text=prompts)["input_ids"]
+            completion_ids = processing_class(text_target=completions)["input_ids"]
+            # T5 tokenizers append EOS themselves (a second one if the text already ends with it), others may not
+            for ids in completion_ids:
+                while ids and ids[-1] == eos_token_id:
+                    ids.pop()
+            return [(p, c + [eos_token_id]) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+
+        def tokenize(batch):
+            if self.is_encoder_decoder:
+                pairs = encoder_decoder_pairs(batch)
+            elif conversational:
                 pairs = []
                 for i, (prompt, completion) in enumerate(zip(batch["prompt"], batch["completion"], strict=True)):
-                    tools = batch["tools"][i] if "tools" in batch else None
-                    tools = json.loads(tools) if isinstance(tools, str) else tools
-                    template_kwargs = {"tools": tools, **(batch["chat_template_kwargs"][i] if "chat_template_kwargs" in batch else {})}
-                    prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)
-                    full_ids = _tokenize(processing_class, prompt + completion, **template_kwargs)
+                    kwargs = template_kwargs(batch, i)
+                    prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **kwargs)
+                    full_ids = _tokenize(processing_class, prompt + completion, **kwargs)
                     pairs.append(split_at_common_prefix(prompt_ids["input_ids"], full_ids["input_ids"]))
             else:
                 completions = [c if c.endswith(eos_token) else c + eos_token for c in batch["completion"]]
@@ -377,21 +452,34 @@ class PointwiseTrainer(DPOTrainer):
     # Log-probabilities and loss
 
     def _sequence_logps(self, model, inputs) -> torch.Tensor:
-        """Sum (or per-token mean) of the completion-token log-probs, through TRL's fused LM head (no full logits)."""
-        completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            labels=labels,
-            fused_lm_head=True,
-            use_cache=False,
-        )
-        shift_mask = completion_mask[:, 1:]
-        # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
-        logps = outputs.log_probs[:, -shift_mask.size(1) :].sum(dim=1)
+        """
+        Sum (or per-token mean) of the completion-token log-probs: through TRL's fused LM head (no full logits) for a
+        decoder-only model; for an encoder-decoder model, from the logits of a plain forward with the decoder target
+        as `labels`, from which the model builds its decoder inputs, so that position t scores label t (no shift).
+        """
+        if self.is_encoder_decoder:
+            labels = inputs["labels"]
+            logits = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels, use_cache=False
+            ).logits
+            token_mask = labels != -100
+            token_logps = selective_log_softmax(logits, labels.masked_fill(~token_mask, 0)).masked_fill(~token_mask, 0)
+        else:
+            completion_mask = inputs["completion_mask"]
+            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            outputs = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                labels=labels,
+                fused_lm_head=True,
+                use_cache=False,
+            )
+            token_mask = completion_mask[:, 1:]
+            # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
+            token_logps = outputs.log_probs[:, -token_mask.size(1) :]
+        logps = token_logps.sum(dim=1)
         if self.args.logps_normalization == "mean":
-            logps = logps / shift_mask.sum(dim=1).clamp(min=1)
+            logps = logps / token_mask.sum(dim=1).clamp(min=1)
         return logps
 
     def compute_ref_log_probs(self, model, inputs) -> torch.Tensor:
@@ -435,12 +523,18 @@ class PointwiseTrainer(DPOTrainer):
         for key, value in zip(statistics, means, strict=True):
             self._metrics[mode][key].append(value)
         if mode == "train":
-            num_tokens = self.accelerator.gather(inputs["attention_mask"].sum()).sum().item()
+            num_tokens = inputs["attention_mask"].sum()
+            if self.is_encoder_decoder:  # the decoder's tokens too
+                num_tokens = num_tokens + (inputs["labels"] != -100).sum()
+            num_tokens = self.accelerator.gather(num_tokens).sum().item()
             self._total_train_tokens += num_tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
         if return_outputs:  # `compute_metrics` needs logits, which the fused LM head does not build
+            model_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask")}
+            if self.is_encoder_decoder:
+                model_inputs["labels"] = inputs["labels"]  # the decoder target, from which its inputs are built
             with torch.no_grad():
-                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                outputs = model(**model_inputs)
             return loss, outputs
         return loss

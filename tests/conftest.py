@@ -1,5 +1,6 @@
-"""Offline fixtures: a word-level tokenizer with a chat template and tiny Llama checkpoints built in a temp dir."""
+"""Offline fixtures: word-level tokenizers with a chat template and tiny Llama and T5 checkpoints built in a temp dir."""
 
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+    T5Tokenizer,
+)
 
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
@@ -58,6 +66,34 @@ def build_tiny_llama(tokenizer, seed: int = 0, hidden_size: int = 16) -> LlamaFo
     return LlamaForCausalLM(config)
 
 
+def build_t5_tokenizer() -> T5Tokenizer:
+    """A Flan-T5-like tokenizer (the same class and post-processor: EOS appended to every text) over the words above."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [("▁" + word, -1.0) for word in WORDS]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, additional_special_tokens=SPECIAL_TOKENS[4:])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_t5(tokenizer, seed: int = 0) -> T5ForConditionalGeneration:
+    """A tiny T5 configured like Flan-T5 (gated-GELU, `tie_word_embeddings=False`, dropout 0.1)."""
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_heads=2,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
@@ -69,6 +105,20 @@ def tiny_llama_path(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("tiny-llama")
     build_tiny_llama(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def t5_tokenizer():
+    return build_t5_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_path(tmp_path_factory, t5_tokenizer):
+    """A saved tiny T5 checkpoint with its tokenizer, loadable by path like a Flan-T5 from the Hub."""
+    path = tmp_path_factory.mktemp("tiny-t5")
+    build_tiny_t5(t5_tokenizer).save_pretrained(path)
+    t5_tokenizer.save_pretrained(path)
     return str(path)
 
 
@@ -118,6 +168,26 @@ def sequence_logps(model, prompt_ids, completion_ids, normalization="sum") -> fl
     return total / len(completion_ids) if normalization == "mean" else total
 
 
+@torch.no_grad()
+def seq2seq_sequence_logps(model, prompt_ids, completion_ids, normalization="sum") -> float:
+    """log pi(completion | prompt) for an encoder-decoder model: a plain forward with the completion as `labels`."""
+    labels = torch.tensor([list(completion_ids)])
+    logits = model(input_ids=torch.tensor([list(prompt_ids)]), labels=labels).logits[0].double()
+    total = logits.log_softmax(-1).gather(-1, labels[0].unsqueeze(-1)).sum().item()
+    return total / len(completion_ids) if normalization == "mean" else total
+
+
 def logged(trainer, key="loss"):
     """The values of `key` in the trainer's log history, in order."""
     return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def assert_loss_logged(trainer):
+    losses = logged(trainer)
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    for key in ("target", "log_ratio", "rewards/implicit", "logps/policy", "logps/ref"):
+        assert all(math.isfinite(value) for value in logged(trainer, key)), key
+
+
+def snapshot(model):
+    return {name: param.detach().clone() for name, param in model.named_parameters()}

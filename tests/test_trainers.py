@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import trl
-from conftest import logged, make_args, pointwise_rows, sequence_logps
+from conftest import assert_loss_logged, logged, make_args, pointwise_rows, sequence_logps, snapshot
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
@@ -24,17 +24,6 @@ LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 @pytest.fixture
 def dataset():
     return Dataset.from_dict(pointwise_rows())
-
-
-def snapshot(model):
-    return {name: param.detach().clone() for name, param in model.named_parameters()}
-
-
-def assert_loss_logged(trainer):
-    losses = logged(trainer)
-    assert losses and all(math.isfinite(loss) for loss in losses)
-    for key in ("target", "log_ratio", "rewards/implicit", "logps/policy", "logps/ref"):
-        assert all(math.isfinite(value) for value in logged(trainer, key)), key
 
 
 @METHODS

@@ -1,0 +1,234 @@
+"""Encoder-decoder models on a tiny Flan-T5-like T5: tokenisation, training, the reference pass, dropout, recipes."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    assert_loss_logged,
+    build_tiny_t5,
+    logged,
+    make_args,
+    pointwise_rows,
+    seq2seq_sequence_logps,
+    snapshot,
+)
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForSeq2SeqLM
+from trl import ModelConfig, ScriptArguments, TrlParser
+from trl.trainer.utils import disable_dropout_in_model
+
+from qrpo_trl import DataCollatorForPointwise, QRPOConfig, QRPOTrainer, RPOConfig, RPOTrainer
+from qrpo_trl.pointwise_trainer import disable_float_dropout
+from qrpo_trl.targets import beta_log_partition
+
+
+METHODS = pytest.mark.parametrize(
+    "trainer_class, config_class", [(QRPOTrainer, QRPOConfig), (RPOTrainer, RPOConfig)], ids=["qrpo", "rpo"]
+)
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"])
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.fixture
+def dataset():
+    return Dataset.from_dict(pointwise_rows())
+
+
+def test_prompt_is_the_encoder_input_and_the_completion_ends_with_one_eos(tiny_t5_path, t5_tokenizer, tmp_path):
+    tokens = t5_tokenizer.convert_ids_to_tokens
+    rows = {"prompt": ["what is the sky", "hello"], "completion": [" blue", " hi</s>"], "reward": [1.0, 0.0]}
+    trainer = RPOTrainer(model=tiny_t5_path, args=make_args(RPOConfig, tmp_path), train_dataset=Dataset.from_dict(rows))
+    assert trainer.is_encoder_decoder
+    prepared = trainer.train_dataset
+    # The prompt as Flan-T5 reads it, with the EOS its tokenizer appends; the completion with exactly one EOS
+    assert prepared["prompt_ids"] == t5_tokenizer(rows["prompt"])["input_ids"]
+    assert tokens(prepared["prompt_ids"][0]) == ["▁what", "▁is", "▁the", "▁sky", "</s>"]
+    assert [tokens(ids) for ids in prepared["completion_ids"]] == [["▁blue", "</s>"], ["▁hi", "</s>"]]
+
+    # A conversation is rendered by the chat template (whose turns end with EOS), then tokenised like text
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    assistant = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    rows = {"prompt": [user("what is the sky")] * 2, "completion": [assistant("blue"), assistant("red")]}
+    rows["reward"] = [1.0, 0.0]
+    trainer = RPOTrainer(model=tiny_t5_path, args=make_args(RPOConfig, tmp_path), train_dataset=Dataset.from_dict(rows))
+    row = trainer.train_dataset[0]
+    assert tokens(row["prompt_ids"]) == ["<|user|>", "▁what", "▁is", "▁the", "▁sky", "</s>", "<|assistant|>", "</s>"]
+    assert tokens(row["completion_ids"]) == ["▁blue", "</s>"]
+
+
+def test_collator_splits_truncated_samples_into_encoder_inputs_and_labels():
+    examples = [
+        {"prompt_ids": [5, 6, 1], "completion_ids": [7, 1], "target": 0.5},
+        {"prompt_ids": [5, 1], "completion_ids": [8, 9, 1], "target": -1.0},
+    ]
+    batch = DataCollatorForPointwise(pad_token_id=0, is_encoder_decoder=True)(examples)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "target"}
+    assert batch["input_ids"].tolist() == [[5, 6, 1], [5, 1, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[7, 1, -100], [8, 9, 1]]
+    assert batch["target"].tolist() == [0.5, -1.0]
+    # `max_length` bounds prompt + completion as for a decoder-only model: keep_start cuts the completion's end...
+    batch = DataCollatorForPointwise(pad_token_id=0, max_length=4, is_encoder_decoder=True)(examples)
+    assert batch["input_ids"].tolist() == [[5, 6, 1], [5, 1, 0]]
+    assert batch["labels"].tolist() == [[7, -100], [8, 9]]
+    # ... and keep_end the prompt's start
+    collator = DataCollatorForPointwise(pad_token_id=0, max_length=4, truncation_mode="keep_end", is_encoder_decoder=True)
+    batch = collator(examples)
+    assert batch["input_ids"].tolist() == [[6, 1], [1, 0]]
+    assert batch["labels"].tolist() == [[7, 1, -100], [8, 9, 1]]
+
+
+@METHODS
+@pytest.mark.parametrize("peft_config", [None, LORA], ids=["full", "lora"])
+def test_train(tiny_t5_path, t5_tokenizer, dataset, tmp_path, trainer_class, config_class, peft_config):
+    # The model by path, and for LoRA as an instance (fresh from its config: in train mode, with dropout)
+    model = tiny_t5_path if peft_config is None else build_tiny_t5(t5_tokenizer)
+    trainer = trainer_class(
+        model=model,
+        args=make_args(config_class, tmp_path),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        processing_class=t5_tokenizer,
+        peft_config=peft_config,
+    )
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert_loss_logged(trainer)
+    metric = "quantile" if trainer_class is QRPOTrainer else "value"
+    assert np.isfinite(logged(trainer, metric)).all()
+    for name, param in trainer.model.named_parameters():
+        if peft_config is None or "lora_" in name:
+            assert not torch.equal(param, before[name]), f"{name} did not change"
+        else:
+            assert torch.equal(param, before[name]), f"base parameter {name} changed"
+    assert np.isfinite(trainer.evaluate()["eval_loss"])
+
+
+@METHODS
+@pytest.mark.parametrize("reference", ["checkpoint", "ref_model", "lora"])
+def test_precompute_on_and_off_give_the_same_loss(
+    tiny_t5_path, t5_tokenizer, dataset, tmp_path, trainer_class, config_class, reference
+):
+    """Off, the reference is reloaded from the checkpoint path, given (built in train mode, with dropout), or LoRA's."""
+    first_losses = []
+    for precompute in (True, False):
+        args = make_args(config_class, tmp_path / str(precompute), max_steps=2, precompute_ref_log_probs=precompute)
+        kwargs = {"ref_model": build_tiny_t5(t5_tokenizer)} if reference == "ref_model" else {}
+        peft_config = LORA if reference == "lora" else None
+        trainer = trainer_class(model=tiny_t5_path, args=args, train_dataset=dataset, peft_config=peft_config, **kwargs)
+        assert ("ref_logps" in trainer.train_dataset.column_names) == precompute
+        trainer.train()
+        first_losses.append(logged(trainer)[:2])
+    np.testing.assert_allclose(first_losses[0], first_losses[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalization", ["sum", "mean"])
+def test_reference_logps_match_an_independent_forward(tiny_t5_path, dataset, tmp_path, normalization):
+    # Batches of 3 mix prompts and completions of different lengths: padding on both sides
+    args = make_args(QRPOConfig, tmp_path, logps_normalization=normalization, precompute_ref_batch_size=3)
+    trainer = QRPOTrainer(model=tiny_t5_path, args=args, train_dataset=dataset)
+    reference = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_path)
+    prepared = trainer.train_dataset
+    expected = [
+        seq2seq_sequence_logps(reference, row["prompt_ids"], row["completion_ids"], normalization) for row in prepared
+    ]
+    np.testing.assert_allclose(prepared["ref_logps"], expected, rtol=1e-5)
+
+
+def test_t5_attention_dropout_is_disabled(tiny_t5_path, t5_tokenizer, dataset, tmp_path):
+    model = build_tiny_t5(t5_tokenizer).train()
+    input_ids, labels = torch.randint(3, len(t5_tokenizer), (4, 6)), torch.randint(3, len(t5_tokenizer), (4, 3))
+
+    def logits():
+        return model(input_ids=input_ids, labels=labels).logits
+
+    disable_dropout_in_model(model)  # TRL's: T5's attention dropout, a float, survives it
+    assert not torch.equal(logits(), logits())
+    disable_float_dropout(model)
+    assert torch.equal(logits(), logits())
+
+    # The trainers disable it (`disable_dropout=True` is the default): training forwards are deterministic
+    for disable_dropout in (True, False):
+        args = make_args(QRPOConfig, tmp_path, disable_dropout=disable_dropout)
+        trainer = QRPOTrainer(model=tiny_t5_path, args=args, train_dataset=dataset)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))])
+        trainer.model.train()
+        first, second = (trainer._sequence_logps(trainer.model, batch) for _ in range(2))
+        assert torch.equal(first, second) == disable_dropout
+
+
+COMPLETIONS = [" yes", " no", " maybe", " sure"]
+TRAINING = dict(max_steps=60, learning_rate=0.1, lr_scheduler_type="linear", logging_steps=60, per_device_train_batch_size=4)
+
+
+def trained_and_initial_logps(trainer, reference_path):
+    reference = AutoModelForSeq2SeqLM.from_pretrained(reference_path)
+    policy = trainer.model.eval()
+    rows = list(trainer.train_dataset)
+    trained = np.array([seq2seq_sequence_logps(policy, row["prompt_ids"], row["completion_ids"]) for row in rows])
+    initial = np.array([seq2seq_sequence_logps(reference, row["prompt_ids"], row["completion_ids"]) for row in rows])
+    return trained, initial
+
+
+def test_qrpo_reaches_its_target_log_ratios(tiny_t5_path, tmp_path):
+    beta = 1.0
+    rows = {
+        "prompt": ["hello"] * 4,
+        "completion": COMPLETIONS,
+        "reward": [0.5, 1.5, 2.5, 3.5],  # quantiles 0, 1/3, 2/3, 1 against the references below
+        "ref_rewards": [[1.0, 2.0, 3.0]] * 4,
+    }
+    args = make_args(QRPOConfig, tmp_path, beta=beta, **TRAINING)
+    trainer = QRPOTrainer(model=tiny_t5_path, args=args, train_dataset=Dataset.from_dict(rows))
+    trainer.train()
+    trained, initial = trained_and_initial_logps(trainer, tiny_t5_path)
+    expected = (np.array([0, 1 / 3, 2 / 3, 1]) - beta_log_partition("identity", beta)) / beta
+    np.testing.assert_allclose(trained - initial, expected, atol=0.1)
+
+
+def test_rpo_reaches_a_softmax_over_the_completions(tiny_t5_path, tmp_path):
+    tau = 1.0
+    rewards = np.array([0.0, 1.0, 2.0, 0.5])
+    rows = {"prompt": ["hello"] * 4, "completion": COMPLETIONS, "reward": rewards.tolist()}
+    args = make_args(RPOConfig, tmp_path, beta=tau, **TRAINING)
+    trainer = RPOTrainer(model=tiny_t5_path, args=args, train_dataset=Dataset.from_dict(rows))
+    values = np.array(trainer.train_dataset["value"])
+    trainer.train()
+    trained, initial = trained_and_initial_logps(trainer, tiny_t5_path)
+    np.testing.assert_allclose(trained - initial, (rewards - values) / tau, atol=0.1)
+    assert np.exp(trained).sum() == pytest.approx(1.0, abs=0.05)
+
+
+def test_bad_input(tiny_t5_path, tmp_path, caplog):
+    rows = pointwise_rows()
+    rows["reward"][5] = float("nan")
+    with pytest.raises(ValueError, match="Column 'reward' of the train dataset, row 5: expected a finite number"):
+        QRPOTrainer(model=tiny_t5_path, args=make_args(QRPOConfig, tmp_path / "out"), train_dataset=Dataset.from_dict(rows))
+    assert not (tmp_path / "out").exists()
+
+    # Prompts of 5, 6 and 2 tokens and completions of 2 to 5 tokens (each with its EOS)
+    with caplog.at_level(logging.WARNING):
+        args = make_args(QRPOConfig, tmp_path / "out", max_length=5)
+        trainer = QRPOTrainer(model=tiny_t5_path, args=args, train_dataset=Dataset.from_dict(pointwise_rows()))
+    assert "Dropped 8 of 12 samples of the train dataset whose prompt alone has max_length=5 tokens or more" in caplog.text
+    assert "1 of 4 samples of the train dataset exceed max_length=5 tokens and are truncated (keep_start)" in caplog.text
+    trainer.train()
+    assert_loss_logged(trainer)
+
+
+@pytest.mark.parametrize(
+    "recipe, config_class", [("rpo_flan_t5.yaml", RPOConfig), ("qrpo_flan_t5.yaml", QRPOConfig)], ids=["rpo", "qrpo"]
+)
+def test_recipes_parse(recipe, config_class):
+    parser = TrlParser((config_class, ModelConfig, ScriptArguments))
+    # On a CPU-only machine a bf16 config needs `use_cpu`, given on the command line as it would be
+    args, model_args, _ = parser.parse_args_and_config(args=["--config", str(CONFIGS / recipe), "--use_cpu", "true"])
+    assert model_args.model_name_or_path.startswith("google/flan-t5-")
+    assert (args.learning_rate, args.lr_scheduler_type, args.warmup_steps) == (1e-4, "linear", 150)
+    assert args.optim == "adamw_torch"
+    if config_class is RPOConfig:
+        assert args.beta == 1.0 and args.normalize_rewards
