@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from numbers import Number
 from typing import Any
 
@@ -28,9 +29,9 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import (
+    add_fused_lm_head,
     get_config_model_id,
     global_then_local_main_first,
-    pad,
     selective_log_softmax,
     use_adapter,
 )
@@ -52,6 +53,13 @@ def disable_float_dropout(model: torch.nn.Module) -> None:
         for name, value in list(vars(module).items()):
             if name.endswith("dropout") and isinstance(value, float):
                 setattr(module, name, 0.0)
+
+
+def sequence_lengths(dataset: Dataset, max_length: int | None = None) -> np.ndarray:
+    """Tokens of each prepared sample (`prompt_ids` + `completion_ids`), capped at `max_length` as the collator cuts."""
+    table = dataset.with_format("arrow")
+    lengths = sum(pc.list_value_length(table[column]).to_numpy() for column in ("prompt_ids", "completion_ids"))
+    return lengths if max_length is None else np.minimum(lengths, max_length)
 
 
 @dataclass
@@ -87,42 +95,58 @@ class DataCollatorForPointwise(DataCollatorMixin):
     return_tensors: str = "pt"
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids = [example["prompt_ids"] + example["completion_ids"] for example in examples]
-        completion_mask = [[0] * len(example["prompt_ids"]) + [1] * len(example["completion_ids"]) for example in examples]
+        prompt_lengths = np.array([len(example["prompt_ids"]) for example in examples])
+        lengths = prompt_lengths + np.array([len(example["completion_ids"]) for example in examples])
+        # Each sequence keeps a window of `kept` tokens from `start` on: keep_start cuts the end of the completion,
+        # keep_end the start of the prompt (as TRL's DataCollatorForPreference slices them)
+        kept, start = lengths, np.zeros_like(lengths)
         if self.max_length is not None:
-            if self.truncation_mode == "keep_start":
-                window = slice(None, self.max_length)
-            elif self.truncation_mode == "keep_end":
-                window = slice(-self.max_length, None)
-            else:
+            if self.truncation_mode not in ("keep_start", "keep_end"):
                 raise ValueError(f"Unsupported truncation mode {self.truncation_mode!r}: 'keep_start' or 'keep_end'.")
-            input_ids = [ids[window] for ids in input_ids]
-            completion_mask = [mask[window] for mask in completion_mask]
-
-        def padded(rows, value, dtype=torch.long):
-            rows = [torch.tensor(row, dtype=dtype) for row in rows]
-            return pad(rows, padding_value=value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+            kept = np.minimum(lengths, self.max_length)
+            if self.truncation_mode == "keep_end":
+                start = lengths - kept
+        kept_prompt = np.clip(prompt_lengths - start, 0, kept)
+        windows = [
+            (example["prompt_ids"] + example["completion_ids"])[begin : begin + length]
+            for example, begin, length in zip(examples, start, kept, strict=True)
+        ]
 
         if self.is_encoder_decoder:
             # Truncated like one sequence above, then split: the prompt feeds the encoder, the completion is the target
-            prompt_lengths = [mask.count(0) for mask in completion_mask]
-            prompt_ids = [ids[:length] for ids, length in zip(input_ids, prompt_lengths, strict=True)]
-            labels = [ids[length:] for ids, length in zip(input_ids, prompt_lengths, strict=True)]
+            input_ids = self._padded([w[:p] for w, p in zip(windows, kept_prompt, strict=True)], self.pad_token_id)
             batch = {
-                "input_ids": padded(prompt_ids, self.pad_token_id),
-                "attention_mask": padded([[1] * len(ids) for ids in prompt_ids], 0),
-                "labels": padded(labels, -100),
+                "input_ids": input_ids,
+                "attention_mask": self._span_mask(0, kept_prompt, input_ids.size(1)),
+                "labels": self._padded([w[p:] for w, p in zip(windows, kept_prompt, strict=True)], -100),
             }
         else:
+            input_ids = self._padded(windows, self.pad_token_id)
             batch = {
-                "input_ids": padded(input_ids, self.pad_token_id),
-                "attention_mask": padded([[1] * len(ids) for ids in input_ids], 0),
-                "completion_mask": padded(completion_mask, 0),
+                "input_ids": input_ids,
+                "attention_mask": self._span_mask(0, kept, input_ids.size(1)),
+                "completion_mask": self._span_mask(kept_prompt, kept, input_ids.size(1)),
             }
         for key, value in examples[0].items():
             if isinstance(value, Number) and key not in batch:
                 batch[key] = torch.tensor([example[key] for example in examples], dtype=torch.float32)
         return batch
+
+    def _padded(self, rows: list[list[int]], value: int) -> torch.Tensor:
+        # Rows copied into one preallocated array: a tensor per row from its Python list, then padded, costs ~10x more
+        width = max((len(row) for row in rows), default=0)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        padded = np.full((len(rows), width), value, dtype=np.int64)
+        for i, row in enumerate(rows):
+            padded[i, : len(row)] = row
+        return torch.from_numpy(padded)
+
+    @staticmethod
+    def _span_mask(begin, end: np.ndarray, width: int) -> torch.Tensor:
+        """A `(len(end), width)` mask, 1 where `begin[i] <= j < end[i]` in row i."""
+        positions = np.arange(width)
+        return torch.from_numpy((positions >= np.asarray(begin)[..., None]) & (positions < end[:, None])).long()
 
 
 class PointwiseTrainer(DPOTrainer):
@@ -173,6 +197,7 @@ class PointwiseTrainer(DPOTrainer):
         if isinstance(train_dataset, Dataset) and {"image", "images"} & set(train_dataset.column_names):
             raise NotImplementedError(f"{type(self).__name__} does not support vision-language datasets.")
         self._train_statistics = None
+        self._fused_lm_head_restricted = False
         # `_prepare_dataset` tokenises for the architecture, but runs before DPOTrainer has loaded and stored the model
         if isinstance(model, str):
             revision = (args.model_init_kwargs or {}).get("revision")
@@ -355,10 +380,7 @@ class PointwiseTrainer(DPOTrainer):
                 "token."
             )
         if args.max_length is not None:
-            lengths = pc.list_value_length(tokenized.with_format("arrow")["prompt_ids"]).to_numpy() + pc.list_value_length(
-                tokenized.with_format("arrow")["completion_ids"]
-            ).to_numpy()
-            truncated = int(np.sum(lengths > args.max_length))
+            truncated = int(np.sum(sequence_lengths(tokenized) > args.max_length))
             if truncated:
                 logger.warning(
                     f"{truncated} of {len(tokenized)} samples of the {dataset_name} dataset exceed max_length="
@@ -370,6 +392,24 @@ class PointwiseTrainer(DPOTrainer):
         if self._signature_columns is None:
             self._signature_columns = ["prompt_ids", "completion_ids", "ref_logps", "target", *self._metric_columns]
 
+    # transformers' length-grouped samplers (`train_sampling_strategy="group_by_length"` or `"batch_rebalance"`) read the
+    # lengths from a `length_column_name` column or measure an `input_ids` column, and a pointwise sample has neither:
+    # they get the tokens of each sample as that column
+
+    def _get_train_sampler(self, train_dataset=None):
+        train_dataset = self.train_dataset if train_dataset is None else train_dataset
+        return super()._get_train_sampler(self._with_length_column(train_dataset))
+
+    def _get_eval_sampler(self, eval_dataset):
+        return super()._get_eval_sampler(self._with_length_column(eval_dataset))
+
+    def _with_length_column(self, dataset):
+        column = self.args.length_column_name
+        grouped = self.args.train_sampling_strategy in ("group_by_length", "batch_rebalance")
+        if grouped and isinstance(dataset, Dataset) and column not in dataset.column_names:
+            dataset = dataset.add_column(column, sequence_lengths(dataset, self.args.max_length))
+        return dataset
+
     # ----------------------------------------------------------------------------------------------------------------
     # Reference map stage
 
@@ -378,6 +418,7 @@ class PointwiseTrainer(DPOTrainer):
         The reference map stage: adds the regression targets (and `_metric_columns`) and, when precomputing, the
         reference log-probabilities `ref_logps`, as columns of `dataset`.
         """
+        self._restrict_fused_lm_head()
         if "target" in dataset.column_names:
             return dataset
         ref_logps = None
@@ -391,6 +432,20 @@ class PointwiseTrainer(DPOTrainer):
         for column, values in columns.items():
             dataset = dataset.add_column(column, np.asarray(values, dtype=np.float64))
         return dataset
+
+    def _restrict_fused_lm_head(self) -> None:
+        """
+        Make the policy's fused LM head compute the per-token log-probabilities only. DPOTrainer.__init__ patches it to
+        also compute the entropy, mean logit and top-1 flag of every position for DPO's metrics, which the pointwise
+        loss and metrics do not use: each is one more pass over the (positions x vocabulary) logit tiles, as costly as
+        the softmax itself where Triton is not available. Done once, before the first forward: the map stage, which
+        DPOTrainer.__init__ runs right after patching.
+        """
+        if self._fused_lm_head_restricted or self.is_encoder_decoder:  # no fused head for encoder-decoder models
+            return
+        # Patched over DPOTrainer's patch: forwards with `fused_lm_head=True` stop at this one, others pass through both
+        add_fused_lm_head(self.model.get_base_model() if self._is_peft_policy else self.model, outputs=("log_probs",))
+        self._fused_lm_head_restricted = True
 
     def _reference_logps(self, dataset: Dataset, name: str, batch_size: int) -> np.ndarray:
         """
@@ -413,9 +468,11 @@ class PointwiseTrainer(DPOTrainer):
         if cached[0] is not None:
             return cached[0]
 
-        columns = ["prompt_ids", "completion_ids"]
+        # Batched by length, longest first (an out-of-memory error shows at once), so that little is padded; the
+        # log-probs are put back in dataset order below
+        order = np.argsort(-sequence_lengths(dataset, self.args.max_length), kind="stable")
         dataloader = DataLoader(
-            dataset.select_columns(columns),
+            dataset.select_columns(["prompt_ids", "completion_ids"]).select(order),
             batch_size=batch_size,
             collate_fn=self.data_collator,
             num_workers=self.args.dataloader_num_workers,
@@ -441,7 +498,8 @@ class PointwiseTrainer(DPOTrainer):
         ):
             chunks.append(self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch)).cpu())
         model.train(was_training)
-        ref_logps = torch.cat(chunks).double().numpy()
+        ref_logps = np.empty(len(dataset))
+        ref_logps[order] = torch.cat(chunks).double().numpy()
         if cache_file and self.accelerator.is_main_process:
             temporary = f"{cache_file}.{os.getpid()}.tmp.npy"
             np.save(temporary, ref_logps)
@@ -482,10 +540,15 @@ class PointwiseTrainer(DPOTrainer):
             logps = logps / token_mask.sum(dim=1).clamp(min=1)
         return logps
 
+    @cached_property
+    def _is_peft_policy(self) -> bool:
+        # accelerate's `is_peft_model` reads package metadata at every call (milliseconds): asked once, not per batch
+        return is_peft_model(self.model)
+
     def compute_ref_log_probs(self, model, inputs) -> torch.Tensor:
         """Reference log-probabilities of a padded batch: `model` without gradients, PEFT adapters disabled if no ref_model."""
         adapter_context = contextlib.nullcontext()
-        if self.ref_model is None and is_peft_model(self.model):
+        if self.ref_model is None and self._is_peft_policy:
             unwrapped_model = self.accelerator.unwrap_model(self.model)
             adapter_context = use_adapter(
                 unwrapped_model, adapter_name="ref" if "ref" in unwrapped_model.peft_config else None
@@ -509,7 +572,7 @@ class PointwiseTrainer(DPOTrainer):
         residuals = inputs["target"] - self.beta * log_ratios
         loss = self._loss_scale() * residuals.pow(2).mean()
 
-        # One all-gather for every logged per-sample statistic
+        # One all-gather (and one device sync) for every logged per-sample statistic and the token count
         statistics = {
             "target": inputs["target"],
             "log_ratio": log_ratios,
@@ -518,16 +581,16 @@ class PointwiseTrainer(DPOTrainer):
             "logps/ref": ref_logps,
             **{column: inputs[column] for column in self._metric_columns},
         }
-        stacked = torch.stack([value.detach().float() for value in statistics.values()], dim=1)
-        means = self.accelerator.gather(stacked).mean(dim=0).tolist()
+        num_tokens = inputs["attention_mask"].sum(dim=1)
+        if self.is_encoder_decoder:  # the decoder's tokens too
+            num_tokens = num_tokens + (inputs["labels"] != -100).sum(dim=1)
+        stacked = torch.stack([value.detach().float() for value in (*statistics.values(), num_tokens)], dim=1)
+        gathered = self.accelerator.gather(stacked).double()
+        *means, batch_tokens = torch.cat([gathered[:, :-1].mean(dim=0), gathered[:, -1:].sum(dim=0)]).tolist()
         for key, value in zip(statistics, means, strict=True):
             self._metrics[mode][key].append(value)
         if mode == "train":
-            num_tokens = inputs["attention_mask"].sum()
-            if self.is_encoder_decoder:  # the decoder's tokens too
-                num_tokens = num_tokens + (inputs["labels"] != -100).sum()
-            num_tokens = self.accelerator.gather(num_tokens).sum().item()
-            self._total_train_tokens += num_tokens // self._tp_size
+            self._total_train_tokens += int(batch_tokens) // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
         if return_outputs:  # `compute_metrics` needs logits, which the fused LM head does not build

@@ -1,0 +1,543 @@
+"""
+Benchmark of `QRPOTrainer` against what users would otherwise run, measured side by side in one process.
+
+Every figure is a ratio of contenders run interleaved on the same model, tokens and batch sizes: each repeat runs every
+contender once, in an order rotated from one repeat to the next; the first `warmup` repeats are discarded and the median
+of the others is kept. On CPU the seconds are the process's CPU time (one torch thread by default), which other jobs on
+a shared machine do not inflate as they inflate wall time; on CUDA, wall time. The JSON keeps every repeat, and each
+ratio's spread (min and max of the per-repeat ratios).
+
+1. Training time per completion: QRPO on N pointwise completions vs TRL's DPOTrainer on the N/2 pairs they come from,
+   with the same number of sequences per step, reference log-probs precomputed for both; DPO also with its reference
+   model in memory (`precompute_ref_log_probs=False`). QRPO runs with the default random sampler and with
+   `train_sampling_strategy="group_by_length"`. Target: <= 0.9.
+2. Throughput of the reference map stage's forward pass (`_reference_logps`: batching, collation, fused LM head, gather,
+   dataset order restored) vs a bare `torch.inference_mode()` forward of the same model over the same batches. Target:
+   >= 0.9. Also vs the bare forward over batches in dataset order, as a plain loop over the dataset would run it.
+3. Peak memory of a QRPO training step (forward + backward) vs an SFT step of TRL's SFTTrainer (completion-only loss)
+   on the same batch, target <= 1.1; and vs a bare `model(..., labels=...)` loss, which builds the full logits. On CPU
+   it is the peak of the bytes held by live tensors while the step runs, weights and gradients included, counted op by
+   op by torch's `MemTracker` (a dispatch mode: tensor allocations only, like tracemalloc, so the allocator's caching
+   and fragmentation and the Python heap do not count); on CUDA, `torch.cuda.max_memory_allocated`.
+4. Padding waste: the fraction of padded positions in the batches each contender builds.
+
+With `--device cuda` the table also gives tokens/s and MFU: FLOPs are 6 * N * tokens for a training step (8 * N * tokens
+with DPO's reference forward) and 2 * N * tokens for the reference pass, where N counts the weights used in matmuls
+(all but the input embedding table) and tokens the non-padding ones, against `--peak_tflops`.
+
+    python scripts/benchmark.py                  # CPU defaults: a few minutes on 2 cores
+    python scripts/benchmark.py --quick          # a smoke run
+    python scripts/benchmark.py --device cuda --hidden_size 2048 --num_layers 16 --vocab_size 32000 \
+        --max_length 1024 --prompt_length 128 --completion_length 256 --num_completions 1024 --batch_size 32
+"""
+
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
+from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    HfArgumentParser,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    PrinterCallback,
+    TrainerCallback,
+)
+from transformers.utils import logging as transformers_logging  # noqa: E402
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+
+from qrpo_trl import QRPOConfig, QRPOTrainer  # noqa: E402
+
+
+@dataclass
+class BenchmarkArguments:
+    device: str = field(default="cpu", metadata={"help": "'cpu' or 'cuda'.", "choices": ["cpu", "cuda"]})
+    vocab_size: int = field(default=2048, metadata={"help": "Vocabulary of the word-level tokenizer and the model."})
+    hidden_size: int = field(default=128, metadata={"help": "Hidden size of the Llama model (head dim 64)."})
+    num_layers: int = field(default=2, metadata={"help": "Number of decoder layers."})
+    num_completions: int = field(default=192, metadata={"help": "Completions (N), i.e. N/2 DPO pairs."})
+    prompt_length: int = field(default=12, metadata={"help": "Median prompt length in tokens (log-normal)."})
+    completion_length: int = field(default=36, metadata={"help": "Median completion length in tokens (log-normal)."})
+    length_sigma: float = field(default=0.6, metadata={"help": "Sigma of the log-normal length distributions."})
+    max_length: int = field(default=256, metadata={"help": "`max_length` of every trainer (prompt + completion)."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per step: QRPO completions, DPO gets half as pairs."})
+    repeats: int = field(default=3, metadata={"help": "Measured training epochs of each contender (median kept)."})
+    reference_repeats: int = field(default=5, metadata={"help": "Measured reference passes of each contender."})
+    warmup: int = field(default=1, metadata={"help": "Repeats run first and discarded, in each section."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "As in TRL's configs (default True)."})
+    peak_tflops: float = field(default=989.0, metadata={"help": "Peak TFLOP/s for MFU (H100 SXM, dense bf16)."})
+    num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch CPU threads. Default: 1 on CPU, where threads on a machine shared with other jobs wait on "
+            "each other and make the timings erratic (CPU time adds up the threads); torch's choice with --device cuda."
+        },
+    )
+    seed: int = field(default=0)
+    quick: bool = field(default=False, metadata={"help": "A tiny smoke configuration (overrides sizes and repeats)."})
+    output: str = field(default="benchmark.json", metadata={"help": "Where to write the JSON results."})
+
+    def __post_init__(self):
+        if self.quick:
+            self.vocab_size, self.hidden_size, self.num_layers, self.num_completions = 512, 64, 1, 16
+            self.prompt_length, self.completion_length, self.max_length, self.batch_size = 8, 16, 64, 4
+            self.repeats, self.reference_repeats, self.warmup = 1, 1, 0
+        if self.batch_size % 2:
+            raise ValueError("`batch_size` must be even: DPO takes batch_size / 2 pairs.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data and model
+
+
+def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer (one token per word `w<i>`, BOS prepended), so that lengths are exact."""
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_dataset(args: BenchmarkArguments) -> Dataset:
+    """Scored pairs (QRPO unpairs them into pointwise samples) with log-normal prompt and completion lengths."""
+    rng = np.random.default_rng(args.seed)
+    num_words = args.vocab_size - 4
+
+    def text(median):
+        length = int(np.clip(round(rng.lognormal(math.log(median), args.length_sigma)), 1, args.max_length))
+        return " ".join(f"w{i}" for i in rng.integers(num_words, size=length))
+
+    num_pairs = args.num_completions // 2
+    return Dataset.from_dict(
+        {
+            "prompt": [text(args.prompt_length) for _ in range(num_pairs)],
+            "chosen": [" " + text(args.completion_length) for _ in range(num_pairs)],
+            "rejected": [" " + text(args.completion_length) for _ in range(num_pairs)],
+            "chosen_reward": rng.normal(size=num_pairs).tolist(),
+            "rejected_reward": rng.normal(size=num_pairs).tolist(),
+            "ref_rewards": rng.normal(size=(num_pairs, 8)).tolist(),
+        }
+    )
+
+
+def save_model(args: BenchmarkArguments, tokenizer, path: str) -> None:
+    """A Llama with random weights, saved with its tokenizer so that every trainer loads the same one by path."""
+    num_heads = max(1, args.hidden_size // 64)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden_size,
+        intermediate_size=256 * math.ceil(8 * args.hidden_size / 3 / 256),
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=args.max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(args.seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def matmul_parameters(model) -> int:
+    """N in the FLOP count: the weights used in matmuls, i.e. all but the input embedding table (a lookup)."""
+    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Measurement
+
+
+def clock(device: torch.device) -> float:
+    """
+    Seconds to time with: on CUDA, wall time once the queued kernels are done; on CPU, the CPU time of this process,
+    which other jobs on a shared machine do not inflate the way they inflate wall time.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+class TrainTimer(TrainerCallback):
+    """Seconds of `Trainer.train` from the start of the training loop to its end (model loading excluded)."""
+
+    def __init__(self, device):
+        self.device, self.start, self.seconds = device, None, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = clock(self.device)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = clock(self.device) - self.start
+
+
+def timed(function, device: torch.device) -> float:
+    start = clock(device)
+    function()
+    return clock(device) - start
+
+
+def interleaved(contenders: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """
+    Seconds of each contender (a callable returning the seconds it measured), per measured repeat. Every repeat runs
+    all of them, in an order rotated from one repeat to the next.
+    """
+    names = list(contenders)
+    seconds = {name: [] for name in names}
+    for repeat in range(warmup + repeats):
+        measured = {}
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            gc.collect()
+            measured[name] = contenders[name]()
+            if repeat >= warmup:
+                seconds[name].append(measured[name])
+        kind = "warm-up" if repeat < warmup else "repeat"
+        progress(f"  {kind} {repeat + 1}: " + ", ".join(f"{name} {value:.2f} s" for name, value in measured.items()))
+    return seconds
+
+
+def ratio(numerator: list[float], denominator: list[float]) -> dict:
+    """Median ratio, and the spread of the per-repeat ratios (repeat r of one over repeat r of the other)."""
+    per_repeat = [a / b for a, b in zip(numerator, denominator, strict=True)]
+    return {
+        "ratio": statistics.median(numerator) / statistics.median(denominator),
+        "min": min(per_repeat),
+        "max": max(per_repeat),
+    }
+
+
+def peak_memory(device: torch.device, step, *tracked) -> int:
+    """Peak bytes of live tensors on `device` while `step()` runs, `tracked` (weights, inputs) included."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    tracker = MemTracker()
+    tracker.track_external(*tracked)
+    with tracker:
+        step()
+    return tracker.get_tracker_snapshot("peak")[device]["Total"]
+
+
+def padding_waste(batches) -> float:
+    """Fraction of the positions of `batches` (dicts with an `attention_mask`) that are padding."""
+    masks = [batch["attention_mask"] for batch in batches]
+    return 1 - sum(int(mask.sum()) for mask in masks) / sum(mask.numel() for mask in masks)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def trainer_args(config_class, args: BenchmarkArguments, output_dir: str, **overrides):
+    on_cpu = args.device == "cpu"
+    settings = dict(
+        output_dir=output_dir,
+        use_cpu=on_cpu,
+        bf16=not on_cpu,
+        model_init_kwargs={"dtype": "float32" if on_cpu else "bfloat16"},
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=1,
+        learning_rate=1e-6,
+        lr_scheduler_type="constant",
+        max_length=args.max_length,
+        gradient_checkpointing=args.gradient_checkpointing,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=args.seed,
+    )
+    return config_class(**{**settings, **overrides})
+
+
+def benchmark_training(args, device, model_path, dataset, workdir) -> tuple[dict, dict, dict, QRPOTrainer]:
+    trainers = {
+        "QRPO": QRPOTrainer(
+            model=model_path, args=trainer_args(QRPOConfig, args, workdir), train_dataset=dataset
+        ),
+        "QRPO, group_by_length": QRPOTrainer(
+            model=model_path,
+            args=trainer_args(QRPOConfig, args, workdir, train_sampling_strategy="group_by_length"),
+            train_dataset=dataset,
+        ),
+        "DPO, precomputed reference": DPOTrainer(
+            model=model_path,
+            args=trainer_args(
+                DPOConfig, args, workdir, per_device_train_batch_size=args.batch_size // 2, precompute_ref_log_probs=True
+            ),
+            train_dataset=dataset,
+        ),
+        "DPO, reference model": DPOTrainer(
+            model=model_path,
+            args=trainer_args(DPOConfig, args, workdir, per_device_train_batch_size=args.batch_size // 2),
+            train_dataset=dataset,
+        ),
+    }
+    unsupported = {}
+    batches = {}
+    for name, trainer in list(trainers.items()):
+        try:  # the batches of one epoch, for the padding figures; fails where the trainer lacks the sampler
+            batches[name] = list(trainer.get_train_dataloader())
+        except ValueError as error:
+            unsupported[name] = str(error)
+            del trainers[name]
+    timers = {}
+    for name, trainer in trainers.items():
+        timers[name] = TrainTimer(device)
+        trainer.add_callback(timers[name])
+        trainer.remove_callback(PrinterCallback)  # `train` prints its summary even with `logging_strategy="no"`
+
+    def run(name):
+        trainers[name].train()
+        return timers[name].seconds
+
+    seconds = interleaved({name: (lambda name=name: run(name)) for name in trainers}, args.warmup, args.repeats)
+    num_completions = len(trainers["QRPO"].train_dataset)
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches["QRPO"])
+    dpo_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches["DPO, precomputed reference"])
+    n = matmul_parameters(trainers["QRPO"].model)
+    results = {"num_completions": num_completions, "tokens": tokens, "same_tokens_as_dpo": tokens == dpo_tokens}
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        flops_per_token = 8 * n if name == "DPO, reference model" else 6 * n
+        results[name] = {
+            "seconds": values,
+            "seconds_per_completion": median / num_completions,
+            "tokens_per_second": tokens / median,
+            "mfu": flops_per_token * tokens / median / (args.peak_tflops * 1e12),
+        }
+    for name, error in unsupported.items():
+        results[name] = {"unsupported": error}
+    ratios = {
+        f"{qrpo} / {dpo}": ratio(seconds[qrpo], seconds[dpo])
+        for qrpo in ("QRPO", "QRPO, group_by_length")
+        for dpo in ("DPO, precomputed reference", "DPO, reference model")
+        if qrpo in seconds
+    }
+    waste = {name: padding_waste(contender_batches) for name, contender_batches in batches.items()}
+    return results, ratios, waste, trainers["QRPO"]
+
+
+def benchmark_reference_pass(args, device, trainer) -> tuple[dict, dict, dict]:
+    """The map stage's forward (`_reference_logps`) vs a bare forward over the batches it builds and in dataset order."""
+    dataset = trainer.train_dataset.select_columns(["prompt_ids", "completion_ids"])
+    batch_size = trainer.args.precompute_ref_batch_size or trainer.args.per_device_train_batch_size
+    model = trainer.model
+
+    recorded = []
+    compute_ref_log_probs = trainer.compute_ref_log_probs
+
+    def recording(model, inputs):
+        recorded.append({key: inputs[key] for key in ("input_ids", "attention_mask")})
+        return compute_ref_log_probs(model, inputs)
+
+    trainer.compute_ref_log_probs = recording  # one pass to see the batches the map stage builds
+    trainer._reference_logps(dataset, "benchmark", batch_size)
+    del trainer.compute_ref_log_probs
+    in_order = [
+        trainer.data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        for start in range(0, len(dataset), batch_size)
+    ]
+    in_order = [{key: batch[key].to(device) for key in ("input_ids", "attention_mask")} for batch in in_order]
+
+    def bare(batches):
+        model.eval()
+        with torch.inference_mode():
+            for batch in batches:
+                model(**batch, use_cache=False)
+        model.train()
+
+    seconds = interleaved(
+        {
+            "reference pass": lambda: timed(lambda: trainer._reference_logps(dataset, "benchmark", batch_size), device),
+            "bare forward, same batches": lambda: timed(lambda: bare(recorded), device),
+            "bare forward, dataset order": lambda: timed(lambda: bare(in_order), device),
+        },
+        args.warmup,
+        args.reference_repeats,
+    )
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in recorded)
+    n = matmul_parameters(model)
+    results = {"num_completions": len(dataset), "tokens": tokens}
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        results[name] = {
+            "seconds": values,
+            "completions_per_second": len(dataset) / median,
+            "tokens_per_second": tokens / median,
+            "mfu": 2 * n * tokens / median / (args.peak_tflops * 1e12),
+        }
+    # Throughput ratios: time of the bare forward over time of the reference pass
+    ratios = {
+        f"reference pass / {name}": ratio(seconds[name], seconds["reference pass"])
+        for name in ("bare forward, same batches", "bare forward, dataset order")
+    }
+    waste = {"reference pass": padding_waste(recorded), "reference pass, dataset order": padding_waste(in_order)}
+    return results, ratios, waste
+
+
+def benchmark_memory(args, device, model_path, qrpo, workdir) -> tuple[dict, dict]:
+    """One forward + backward on the same rows: QRPO, TRL's SFTTrainer, and a bare loss over the full logits."""
+    rows = qrpo.train_dataset.shuffle(seed=args.seed).select(range(args.batch_size))
+    qrpo_batch = qrpo.data_collator(list(rows))
+    sft_rows = Dataset.from_dict(
+        {
+            "input_ids": [p + c for p, c in zip(rows["prompt_ids"], rows["completion_ids"], strict=True)],
+            "completion_mask": [[0] * len(p) + [1] * len(c) for p, c in zip(rows["prompt_ids"], rows["completion_ids"], strict=True)],
+        }
+    )
+    sft = SFTTrainer(
+        model=model_path,
+        args=trainer_args(SFTConfig, args, workdir, completion_only_loss=True),
+        train_dataset=sft_rows,
+    )
+    sft.remove_callback(PrinterCallback)
+    sft.train()  # one step, like the QRPO trainer's: the model set up for training as `train` does it
+    sft_batch = sft.data_collator(list(sft.train_dataset))
+    bare_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=qrpo.model.dtype).to(device)
+    if args.gradient_checkpointing:
+        bare_model.activation_checkpointing_enable()
+    bare_batch = {
+        "input_ids": qrpo_batch["input_ids"].to(device),
+        "attention_mask": qrpo_batch["attention_mask"].to(device),
+        "labels": qrpo_batch["input_ids"].masked_fill(qrpo_batch["completion_mask"] == 0, -100).to(device),
+    }
+
+    def bare_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = bare_model(**bare_batch, use_cache=False).loss
+        loss.backward()
+
+    steps = {
+        "QRPO": (qrpo.model, lambda: qrpo.training_step(qrpo.model, qrpo_batch), qrpo_batch),
+        "SFTTrainer": (sft.model, lambda: sft.training_step(sft.model, sft_batch), sft_batch),
+        "bare loss (full logits)": (bare_model, bare_step, bare_batch),
+    }
+    results = {"batch_tokens": int(qrpo_batch["attention_mask"].sum()), "batch_shape": list(qrpo_batch["input_ids"].shape)}
+    for name, (model, step, batch) in steps.items():
+        model.train()
+        step()  # warm-up: lazily built state (autocast caches, kernels) is not the step's memory
+        model.zero_grad(set_to_none=True)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        peak = peak_memory(device, step, model, *[v for v in batch.values() if isinstance(v, torch.Tensor)])
+        model.zero_grad(set_to_none=True)
+        results[name] = {
+            "peak_bytes": peak,
+            "peak_bytes_above_weights": peak - weights,
+            "activation_checkpointing": model.is_activation_checkpointing,
+        }
+    ratios = {
+        f"QRPO / {name}": {"ratio": results["QRPO"]["peak_bytes"] / results[name]["peak_bytes"]}
+        for name in ("SFTTrainer", "bare loss (full logits)")
+    }
+    return results, ratios
+
+
+TARGETS = {
+    "training": ("<=", 0.9),
+    "reference pass / bare forward, same batches": (">=", 0.9),
+    "QRPO / SFTTrainer": ("<=", 1.1),
+}
+
+
+def meets(name, value):
+    for key, (sense, bound) in TARGETS.items():
+        if name == key or (key == "training" and name.startswith("QRPO") and " / DPO" in name):
+            return value <= bound if sense == "<=" else value >= bound
+    return None
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'ratio':<64} {'median':>8} {'spread':>17} {'target':>8}")
+    for section in ("training", "reference_pass", "memory"):
+        for name, value in results[section]["ratios"].items():
+            spread = f"{value['min']:.3f}-{value['max']:.3f}" if "min" in value else ""
+            met = meets(name, value["ratio"])
+            target = "" if met is None else ("met" if met else "MISSED")
+            print(f"{name:<64} {value['ratio']:>8.3f} {spread:>17} {target:>8}")
+    print(f"\n{'padding waste (fraction of padded positions)':<64} {'':>8}")
+    for name, value in results["padding_waste"].items():
+        print(f"{name:<64} {value:>8.3f}")
+    if results["config"]["device"] == "cuda":
+        print(f"\n{'throughput':<64} {'tokens/s':>10} {'MFU':>8}")
+        for section in ("training", "reference_pass"):
+            for name, value in results[section]["contenders"].items():
+                if isinstance(value, dict) and "mfu" in value:
+                    print(f"{name:<64} {value['tokens_per_second']:>10.0f} {value['mfu']:>8.1%}")
+
+
+def progress(message: str) -> None:
+    print(f"[benchmark] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
+    transformers_logging.set_verbosity_error()
+    if args.num_threads is not None or args.device == "cpu":
+        torch.set_num_threads(args.num_threads or 1)
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        model_path = os.path.join(workdir, "model")
+        tokenizer = build_tokenizer(args.vocab_size)
+        save_model(args, tokenizer, model_path)
+        dataset = build_dataset(args)
+        progress("1/3 training")
+        training, training_ratios, training_waste, qrpo = benchmark_training(args, device, model_path, dataset, workdir)
+        progress(f"2/3 reference pass ({time.perf_counter() - start:.0f} s)")
+        reference, reference_ratios, reference_waste = benchmark_reference_pass(args, device, qrpo)
+        progress(f"3/3 memory ({time.perf_counter() - start:.0f} s)")
+        memory, memory_ratios = benchmark_memory(args, device, model_path, qrpo, workdir)
+    results = {
+        "config": asdict(args),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+            "load_average": os.getloadavg(),
+        },
+        "versions": {"torch": torch.__version__, "trl": __import__("trl").__version__},
+        "training": {"contenders": training, "ratios": training_ratios},
+        "reference_pass": {"contenders": reference, "ratios": reference_ratios},
+        "memory": {"contenders": memory, "ratios": memory_ratios},
+        "padding_waste": {**{f"training: {k}": v for k, v in training_waste.items()}, **reference_waste},
+        "seconds": time.perf_counter() - start,
+    }
+    print_table(results)
+    print(f"\n{results['seconds']:.0f} s; results written to {args.output}")
+    with open(args.output, "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""What the speed-ups must not change: batches, values and their order, samples seen per epoch. No timed assertions."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import WORDS, logged, make_args, sequence_logps
+from datasets import Dataset
+from peft import LoraConfig
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from qrpo_trl import DataCollatorForPointwise, QRPOConfig, QRPOTrainer
+
+
+BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "benchmark.py")
+
+
+@pytest.fixture
+def varied_dataset():
+    """
+    Pointwise text rows whose prompts and completions vary from 1 to ~20 words, in no particular length order. 32 rows,
+    so that transformers' `group_by_length`, which sorts mega-batches of `len // (4 * batch_size)` batches, regroups.
+    """
+    rng = np.random.default_rng(0)
+
+    def text(length):
+        return " ".join(rng.choice(WORDS, size=length))
+
+    rows = {"prompt": [], "completion": [], "reward": [], "ref_rewards": []}
+    for _ in range(32):
+        rows["prompt"].append(text(int(rng.integers(1, 8))))
+        rows["completion"].append(" " + text(int(rng.integers(1, 20))))
+        rows["reward"].append(float(rng.normal()))
+        rows["ref_rewards"].append(rng.normal(size=4).tolist())
+    return Dataset.from_dict(rows)
+
+
+@pytest.mark.parametrize("max_length", [None, 6])
+@pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
+@pytest.mark.parametrize("pad_to_multiple_of", [None, 4])
+def test_collator_builds_dpo_collator_batches(max_length, truncation_mode, pad_to_multiple_of):
+    """Decoder-only batches equal TRL's DataCollatorForPreference's, whose batch is the chosen then the rejected rows."""
+    rng = np.random.default_rng(1)
+    pairs = [
+        {key: rng.integers(3, 50, size=int(rng.integers(low, 9))).tolist() for key, low in (("prompt_ids", 1), ("chosen_ids", 1), ("rejected_ids", 1))}
+        for _ in range(5)
+    ]
+    settings = dict(pad_token_id=0, max_length=max_length, truncation_mode=truncation_mode, pad_to_multiple_of=pad_to_multiple_of)
+    expected = DataCollatorForPreference(**settings)(pairs)
+    pointwise = [{"prompt_ids": p["prompt_ids"], "completion_ids": p[key], "target": 1.0} for key in ("chosen_ids", "rejected_ids") for p in pairs]
+    batch = DataCollatorForPointwise(**settings)(pointwise)
+    assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "target"}
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        assert batch[key].dtype == torch.long
+        assert batch[key].tolist() == expected[key].tolist(), key
+
+
+def test_reference_pass_is_length_grouped_and_in_dataset_order(tiny_llama_path, varied_dataset, tmp_path):
+    trainer = QRPOTrainer(
+        model=tiny_llama_path, args=make_args(QRPOConfig, tmp_path, precompute_ref_batch_size=4), train_dataset=varied_dataset
+    )
+    prepared = trainer.train_dataset
+    lengths = [len(row["prompt_ids"]) + len(row["completion_ids"]) for row in prepared]
+    assert lengths != sorted(lengths, reverse=True)  # the dataset is not already in length order
+
+    # Values in dataset order: each sample alone (no padding) through an independent forward
+    reference = trainer.model  # not trained yet: still the reference
+    expected = [sequence_logps(reference, row["prompt_ids"], row["completion_ids"]) for row in prepared]
+    np.testing.assert_allclose(prepared["ref_logps"], expected, rtol=1e-5)
+
+    # The batches it builds: longest first, and less padding than batches in dataset order
+    widths, padded = [], []
+    compute_ref_log_probs = trainer.compute_ref_log_probs
+
+    def recording(model, inputs):
+        widths.append(inputs["input_ids"].size(1))
+        padded.append(int((inputs["attention_mask"] == 0).sum()))
+        return compute_ref_log_probs(model, inputs)
+
+    trainer.compute_ref_log_probs = recording
+    again = trainer._reference_logps(prepared, "train", 4)
+    np.testing.assert_array_equal(again, prepared["ref_logps"])
+    assert widths == sorted(widths, reverse=True)
+    in_order = [trainer.data_collator(list(prepared.select(range(i, min(i + 4, len(prepared)))))) for i in range(0, len(prepared), 4)]
+    assert sum(padded) < sum(int((batch["attention_mask"] == 0).sum()) for batch in in_order)
+
+
+@pytest.mark.parametrize("strategy", ["group_by_length", "batch_rebalance"])
+def test_length_grouped_training_sees_every_sample_once_per_epoch(tiny_llama_path, varied_dataset, tmp_path, strategy):
+    args = make_args(QRPOConfig, tmp_path, train_sampling_strategy=strategy, max_steps=-1, num_train_epochs=1)
+    trainer = QRPOTrainer(model=tiny_llama_path, args=args, train_dataset=varied_dataset)
+    batches = list(trainer.get_train_dataloader())
+    # The reference log-probs identify the samples (all distinct)
+    seen = sorted(value for batch in batches for value in batch["ref_logps"].tolist())
+    np.testing.assert_allclose(seen, sorted(trainer.train_dataset["ref_logps"]), rtol=1e-6)
+    trainer.train()
+    # Every token of the epoch was counted once
+    total = sum(len(row["prompt_ids"]) + len(row["completion_ids"]) for row in trainer.train_dataset)
+    assert logged(trainer, "num_tokens")[-1] == total
+
+
+def test_group_by_length_pads_less_than_random_batches(tiny_llama_path, varied_dataset, tmp_path):
+    def padding(strategy):
+        args = make_args(QRPOConfig, tmp_path / strategy, train_sampling_strategy=strategy)
+        trainer = QRPOTrainer(model=tiny_llama_path, args=args, train_dataset=varied_dataset)
+        return sum(int((batch["attention_mask"] == 0).sum()) for batch in trainer.get_train_dataloader())
+
+    assert padding("group_by_length") < padding("random")
+
+
+@pytest.mark.parametrize("peft_config", [None, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])], ids=["full", "lora"])
+def test_fused_lm_head_computes_only_log_probs(tiny_llama_path, varied_dataset, tmp_path, peft_config):
+    trainer = QRPOTrainer(model=tiny_llama_path, args=make_args(QRPOConfig, tmp_path), train_dataset=varied_dataset, peft_config=peft_config)
+    batch = trainer.data_collator(list(trainer.train_dataset.select(range(4))))
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    outputs = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True)
+    assert outputs.log_probs is not None
+    assert outputs.entropy is None and outputs.mean_logits is None and outputs.is_top1 is None
+    # A plain forward still reaches the model's own
+    assert trainer.model(input_ids=batch["input_ids"]).logits.shape[-1] == trainer.model.config.vocab_size
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_padding_waste_counts_padded_positions():
+    benchmark = load_benchmark()
+    batches = [{"attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])}, {"attention_mask": torch.tensor([[1, 0, 0, 0]])}]
+    assert benchmark.padding_waste(batches) == pytest.approx(4 / 10)
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run_writes_its_figures(tmp_path):
+    output = tmp_path / "benchmark.json"
+    load_benchmark().main(["--quick", "--output", str(output)])
+    results = json.loads(output.read_text())
+    training = results["training"]
+    assert training["contenders"]["same_tokens_as_dpo"]
+    for name in ("QRPO", "QRPO, group_by_length", "DPO, precomputed reference", "DPO, reference model"):
+        assert training["contenders"][name]["seconds_per_completion"] > 0
+    expected = {
+        "training": {f"{q} / {d}" for q in ("QRPO", "QRPO, group_by_length") for d in ("DPO, precomputed reference", "DPO, reference model")},
+        "reference_pass": {"reference pass / bare forward, same batches", "reference pass / bare forward, dataset order"},
+        "memory": {"QRPO / SFTTrainer", "QRPO / bare loss (full logits)"},
+    }
+    for section, names in expected.items():
+        assert set(results[section]["ratios"]) == names
+        assert all(value["ratio"] > 0 for value in results[section]["ratios"].values())
+    assert all(0 <= value < 1 for value in results["padding_waste"].values())
+    assert results["memory"]["contenders"]["QRPO"]["peak_bytes"] > 0
