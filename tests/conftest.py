@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
@@ -58,6 +58,14 @@ def build_tiny_llama(tokenizer, seed: int = 0, hidden_size: int = 16) -> LlamaFo
     return LlamaForCausalLM(config)
 
 
+def build_tiny_reward_model(tokenizer, seed: int = 1) -> LlamaForSequenceClassification:
+    """A tiny Llama reward model (one label) with the same vocabulary."""
+    config = build_tiny_llama(tokenizer).config
+    config.num_labels = 1
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(config)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
@@ -68,6 +76,15 @@ def tiny_llama_path(tmp_path_factory, tokenizer):
     """A saved tiny Llama checkpoint with its tokenizer, loadable by path like a Hub model."""
     path = tmp_path_factory.mktemp("tiny-llama")
     build_tiny_llama(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_path(tmp_path_factory, tokenizer):
+    """A saved tiny Llama reward model with its tokenizer, loadable by path like a Hub reward model."""
+    path = tmp_path_factory.mktemp("tiny-reward-model")
+    build_tiny_reward_model(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
