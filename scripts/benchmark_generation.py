@@ -95,9 +95,13 @@ def main():
     parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--num_layers", type=int, default=2)
     parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=5, help="Timed repeats of each, after one warm-up.")
+    parser.add_argument("--repeats", type=int, default=9, help="Timed rounds, after one warm-up round.")
+    parser.add_argument(
+        "--num_threads", type=int, default=1, help="Torch threads; 1 is the least sensitive to other load on the machine."
+    )
     parser.add_argument("--json", default=None, help="Also write the results to this file.")
     cli = parser.parse_args()
+    torch.set_num_threads(cli.num_threads)
 
     tokenizer = build_tokenizer(cli.vocab_size)
     model = build_model(tokenizer, cli.hidden_size, cli.num_layers)
@@ -147,7 +151,7 @@ def main():
         for name in ("stage", "generation")
     }
     results = {
-        "settings": {**vars(cli), "torch_threads": torch.get_num_threads()},
+        "settings": vars(cli),
         "tokens_per_second": {name: statistics.median(values) for name, values in throughputs.items()},
         "stage_vs_bare": statistics.median(ratios["stage"]),
         "generation_vs_bare": statistics.median(ratios["generation"]),

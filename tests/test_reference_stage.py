@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import build_tiny_llama, logged, make_args, pointwise_rows
 from datasets import Dataset, load_from_disk
-from transformers import AutoModelForSequenceClassification
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from qrpo_trl import QRPOConfig, QRPOTrainer, ReferenceConfig, RPOConfig, RPOTrainer, precompute_rewards
 from qrpo_trl.scripts import precompute
@@ -268,12 +269,14 @@ def test_qrpo_trains_from_prompts_and_completions_with_reward_funcs(tiny_llama_p
         reward_weights=[1.0, 1.0],
     )
     trainer = QRPOTrainer(
-        model=tiny_llama_path, args=args, train_dataset=dataset, reward_funcs=[length_reward, tiny_reward_model_path]
+        model=tiny_llama_path, args=args, train_dataset=dataset, eval_dataset=completions_dataset(3),
+        reward_funcs=[length_reward, tiny_reward_model_path],
     )
     prepared = trainer.train_dataset
     assert all(len(refs) == 4 for refs in prepared["ref_rewards"])
     assert len({reward for refs in prepared["ref_rewards"] for reward in refs}) > 4
     assert all(0 <= quantile <= 1 for quantile in prepared["quantile"])
+    assert len(trainer.eval_dataset) == 3 and "target" in trainer.eval_dataset.column_names
     before = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
     trainer.train()
     assert logged(trainer) and all(math.isfinite(loss) for loss in logged(trainer))
@@ -293,6 +296,25 @@ def test_rpo_trains_on_completions_sampled_for_prompts(tiny_llama_path, tmp_path
     assert len(trainer.train_dataset) == 12
     trainer.train()
     assert logged(trainer) and all(math.isfinite(loss) for loss in logged(trainer))
+
+
+def test_lora_policy_samples_from_its_base_model(tiny_llama_path, tokenizer, tmp_path):
+    """The reference of a LoRA policy is its base model: the stage samples with the adapters disabled."""
+    args = make_args(
+        QRPOConfig, tmp_path / "out", num_generations=3, max_completion_length=6, keep_ref_completions=True,
+        reference_cache_dir=str(tmp_path / "cache"),
+    )
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # not a no-op
+    trainer = QRPOTrainer(
+        model=tiny_llama_path, args=args, train_dataset=completions_dataset(), reward_funcs=length_reward,
+        peft_config=lora,
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    expected = precompute_rewards(
+        completions_dataset(), base, length_reward, reference_args(tmp_path / "base", keep_ref_completions=True),
+        processing_class=tokenizer,
+    )
+    assert trainer.train_dataset["ref_completions"] == expected["ref_completions"]
 
 
 def test_trainer_with_complete_dataset_does_not_run_the_stage(tiny_llama_path, tmp_path):
