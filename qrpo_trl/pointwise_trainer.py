@@ -25,7 +25,7 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOTrainer
 from trl.data_utils import _tokenize, apply_chat_template, common_prefix_length, is_conversational
 from trl.models import prepare_deepspeed
-from trl.models.utils import disable_gradient_checkpointing
+from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import (
     get_config_model_id,
@@ -35,8 +35,9 @@ from trl.trainer.utils import (
     use_adapter,
 )
 
-from .data_utils import check_columns, check_rewards, to_pointwise
+from .data_utils import check_columns, check_rewards, check_stage_columns, has_rewards, to_pointwise
 from .pointwise_config import PointwiseConfig
+from .reference_stage import ReferenceStage, RewardFunctions
 
 
 logger = get_logger(__name__)
@@ -140,7 +141,9 @@ class PointwiseTrainer(DPOTrainer):
     - `_target_statistics` / `_regression_targets`: the target columns, from dataset statistics of the training set;
     - `_loss_scale`: the factor in front of the squared residual.
 
-    The constructor takes the same arguments as `trl.DPOTrainer`.
+    The constructor takes the same arguments as `trl.DPOTrainer`, then (as `trl.GRPOTrainer` names them)
+    `reward_funcs` and `reward_processing_classes`: with them, a dataset that lacks rewards (or QRPO's reference
+    rewards) is completed by the reference stage (see `precompute_rewards`) before the map stage.
     """
 
     _config_class = PointwiseConfig
@@ -162,6 +165,8 @@ class PointwiseTrainer(DPOTrainer):
         optimizers=(None, None),
         quantization_config=None,
         peft_config=None,
+        reward_funcs=None,
+        reward_processing_classes=None,
     ):
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
@@ -173,6 +178,10 @@ class PointwiseTrainer(DPOTrainer):
         if isinstance(train_dataset, Dataset) and {"image", "images"} & set(train_dataset.column_names):
             raise NotImplementedError(f"{type(self).__name__} does not support vision-language datasets.")
         self._train_statistics = None
+        # Loaded before anything else, so that a reward model that cannot be loaded fails first
+        self._reward_functions = None
+        if reward_funcs is not None:
+            self._reward_functions = RewardFunctions(reward_funcs, reward_processing_classes, args.reward_weights)
         # `_prepare_dataset` tokenises for the architecture, but runs before DPOTrainer has loaded and stored the model
         if isinstance(model, str):
             revision = (args.model_init_kwargs or {}).get("revision")
@@ -262,6 +271,12 @@ class PointwiseTrainer(DPOTrainer):
                 f"reference map stage reads it whole), got {type(dataset).__name__}."
             )
         if "completion_ids" in dataset.column_names:  # already prepared, e.g. handed back to `evaluate()`
+            return dataset
+        if self._needs_reference_stage(dataset):
+            # Completing the dataset needs the reference model on its device and the processes set up, which only
+            # exist after `Trainer.__init__`: the reference stage runs first thing in the map stage
+            # (`_precompute_ref_logps`), which then prepares the completed dataset here. Check what can be checked now.
+            check_stage_columns(dataset, dataset_name)
             return dataset
         check_columns(dataset, dataset_name, self._reference_columns)
         check_rewards(dataset, dataset_name)
@@ -380,6 +395,10 @@ class PointwiseTrainer(DPOTrainer):
         """
         if "target" in dataset.column_names:
             return dataset
+        if "completion_ids" not in dataset.column_names:  # left raw by `_prepare_dataset` for the reference stage
+            dataset = self._prepare_dataset(
+                self._run_reference_stage(dataset, name), self.processing_class, self.args, name
+            )
         ref_logps = None
         if self.args.precompute_ref_log_probs or self._target_needs_ref_logps:
             ref_logps = self._reference_logps(dataset, name, batch_size)
@@ -423,14 +442,7 @@ class PointwiseTrainer(DPOTrainer):
             shuffle=False,
         )
         dataloader = self.accelerator.prepare(dataloader)
-        # Before `train`, DeepSpeed parameters are still on CPU (ZeRO-1/2) or sharded (ZeRO-3): an inference engine
-        # places and gathers them, built once and reused (as DPOTrainer does).
-        if self.ref_model is None and self.is_deepspeed_enabled:
-            if self._precompute_engine is None:
-                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
-            model = self._precompute_engine
-        else:
-            model = self.ref_model if self.ref_model is not None else self.model
+        model = self._reference_inference_model()
         was_training = model.training
         model.eval()
         chunks = []
@@ -447,6 +459,48 @@ class PointwiseTrainer(DPOTrainer):
             np.save(temporary, ref_logps)
             os.replace(temporary, cache_file)
         return ref_logps
+
+    def _reference_inference_model(self):
+        """The model that runs the reference before training: `ref_model`, or the policy (adapters disabled by
+        `_reference_adapter_context` for PEFT)."""
+        # Before `train`, DeepSpeed parameters are still on CPU (ZeRO-1/2) or sharded (ZeRO-3): an inference engine
+        # places and gathers them, built once and reused (as DPOTrainer does).
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            return self._precompute_engine
+        return self.ref_model if self.ref_model is not None else self.model
+
+    def _reference_adapter_context(self):
+        """Disables the policy's adapters (or switches to its "ref" adapter) when it is its own reference."""
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped_model = self.accelerator.unwrap_model(self.model)
+            return use_adapter(unwrapped_model, adapter_name="ref" if "ref" in unwrapped_model.peft_config else None)
+        return contextlib.nullcontext()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Reference stage
+
+    def _needs_reference_stage(self, dataset: Dataset) -> bool:
+        """Whether `reward_funcs` were given and the dataset lacks rewards, or reference rewards the trainer needs."""
+        if self._reward_functions is None:
+            return False
+        columns = dataset.column_names
+        return not has_rewards(columns) or self._samples_ref_rewards(columns)
+
+    def _samples_ref_rewards(self, columns: list[str]) -> bool:
+        return "ref_rewards" in self._reference_columns and not any(c in columns for c in self._reference_columns)
+
+    def _run_reference_stage(self, dataset: Dataset, name: str) -> Dataset:
+        """Complete a raw dataset with the reference stage, sampling from the reference model on its device."""
+        with (
+            unwrap_model_for_generation(self._reference_inference_model(), self.accelerator) as model,
+            self._reference_adapter_context(),
+        ):
+            stage = ReferenceStage(
+                model, self.processing_class, self._reward_functions, self.args, self._precompute_model_hash
+            )
+            return stage.run(dataset, self._samples_ref_rewards(dataset.column_names), name)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Log-probabilities and loss
@@ -484,16 +538,10 @@ class PointwiseTrainer(DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs) -> torch.Tensor:
         """Reference log-probabilities of a padded batch: `model` without gradients, PEFT adapters disabled if no ref_model."""
-        adapter_context = contextlib.nullcontext()
-        if self.ref_model is None and is_peft_model(self.model):
-            unwrapped_model = self.accelerator.unwrap_model(self.model)
-            adapter_context = use_adapter(
-                unwrapped_model, adapter_name="ref" if "ref" in unwrapped_model.peft_config else None
-            )
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            adapter_context,
+            self._reference_adapter_context(),
             self.accelerator.autocast(),
         ):
             return self._sequence_logps(model, inputs)
