@@ -5,8 +5,8 @@ The `qrpo-trl` command line, built like TRL's `trl dpo` on `TrlParser`:
     qrpo-trl rpo --config recipe.yaml --accelerate_config zero3 --num_processes 8
 
 Every field of the command's dataclasses can be set in the YAML config or on the command line (which wins). Without
-launch options the command runs in this process; with them (`--accelerate_config`, `--num_processes`, ...) it relaunches
-itself under `accelerate launch`. Bad input ends with a one-line error and a non-zero exit code.
+launch options the command runs in this process; with them (`--accelerate_config`, `--num_processes`, ...) it
+relaunches itself under `accelerate launch`. Bad input ends with a one-line error and a non-zero exit code.
 """
 
 import argparse
@@ -25,8 +25,8 @@ from trl import TrlParser
 from .scripts.utils import check_local_datasets
 
 
-# Each command is the module `qrpo_trl.scripts.<name>`, shaped like TRL's scripts: `make_parser()` returns a `TrlParser`
-# over the command's dataclasses and `main(*dataclasses)` runs it.
+# Each command is the module `qrpo_trl.scripts.<name>`, shaped like TRL's scripts: `make_parser()` returns a
+# `TrlParser` over the command's dataclasses and `main(*dataclasses)` runs it.
 COMMANDS = {
     "qrpo": "Train with QRPO (Quantile Reward Policy Optimization)",
     "rpo": "Train with RPO (Reward Partitioning Optimization)",
@@ -129,7 +129,7 @@ def command_parser(command: str) -> CommandParser:
 
 def under_launcher() -> bool:
     """Whether this process was started by `accelerate launch` (which sets the precision of every process it starts) or
-    `torchrun`."""
+    `torchrun`: then the launch options were applied, or are ignored."""
     return "ACCELERATE_MIXED_PRECISION" in os.environ or "LOCAL_RANK" in os.environ
 
 
@@ -151,9 +151,10 @@ def launch(command: str, args: list[str], launch_args: LaunchArguments, dataclas
     # Without a config, `accelerate launch` on a machine without GPUs silently starts a single process
     config_file = resolve_accelerate_config(launch_args.accelerate_config or "ddp")
     options = ["--config_file", config_file]
-    for arg in fields(LaunchArguments)[1:]:
-        if getattr(launch_args, arg.name) is not None:
-            options += [f"--{arg.name}", str(getattr(launch_args, arg.name))]
+    for arg in fields(LaunchArguments):
+        value = getattr(launch_args, arg.name)
+        if arg.name != "accelerate_config" and value is not None:
+            options += [f"--{arg.name}", str(value)]
     training_args = next((d for d in dataclasses if isinstance(d, TrainingArguments)), None)
     if training_args is not None:
         check_cpu_launch(training_args, config_file)
@@ -166,7 +167,6 @@ def launch(command: str, args: list[str], launch_args: LaunchArguments, dataclas
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    launched = under_launcher()  # before anything sets accelerate's environment variables in this process
     parser = argparse.ArgumentParser(
         prog="qrpo-trl",
         description="QRPO and RPO alignment with TRL. `qrpo-trl COMMAND --help` lists the fields of a command.",
@@ -178,14 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     known, _ = parser.parse_known_args(argv[:1])
     if known.command is None:
         parser.print_help()
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        return 0 if not argv else 2
 
     command, args = known.command, argv[1:]
     parser = command_parser(command)
     *dataclasses, launch_args = parser.parse_command(args)
     try:
         check_local_datasets(dataclasses)
-        if any(getattr(launch_args, arg.name) is not None for arg in fields(LaunchArguments)) and not launched:
+        if any(getattr(launch_args, arg.name) is not None for arg in fields(LaunchArguments)) and not under_launcher():
             launch(command, args, launch_args, dataclasses)
         else:
             importlib.import_module(f"qrpo_trl.scripts.{command}").main(*dataclasses)

@@ -85,12 +85,12 @@ def test_help(capsys):
 
 def test_config_values_are_typed_like_the_command_line(recipe):
     # YAML 1.1 reads 3e-7 as a string and 0 as an int
-    path = recipe(learning_rate="3e-7", max_grad_norm=0, lora_target_modules=["q_proj", "v_proj"], beta=1, num_ref_rewards=3)
+    path = recipe(learning_rate="3e-7", max_grad_norm=0, beta=1, num_ref_rewards=3, lora_target_modules=["q", "v"])
     script_args, training_args, model_args, _, launch_args = command_parser("qrpo").parse_command(
         ["--config", path, "--num_ref_rewards", "4", "--num_processes", "2"]
     )
     assert training_args.learning_rate == 3e-7 and training_args.max_grad_norm == 0.0 and training_args.beta == 1.0
-    assert model_args.lora_target_modules == ["q_proj", "v_proj"]
+    assert model_args.lora_target_modules == ["q", "v"]
     assert training_args.num_ref_rewards == 4  # the command line wins over the config
     assert launch_args.num_processes == 2 and launch_args.accelerate_config is None
     assert script_args.dataset_name.endswith("data.jsonl")
@@ -102,7 +102,7 @@ def test_config_values_are_typed_like_the_command_line(recipe):
         ({"foo_bar": 1}, [], "unknown config fields: foo_bar (`qrpo-trl qrpo --help` lists the fields)"),
         ({}, ["--foo", "3"], "unrecognized arguments: --foo 3 (`qrpo-trl qrpo --help` lists the fields)"),
         ({}, ["--learning_rat", "1"], "unrecognized arguments: --learning_rat 1"),  # no abbreviations
-        ({"per_device_train_batch_size": 2.5}, [], "config field `per_device_train_batch_size`: invalid int value: '2.5'"),
+        ({"max_steps": 2.5}, [], "config field `max_steps`: invalid int value: '2.5'"),
         ({"learning_rate": [1, 2]}, [], "config field `learning_rate`: expected a single value, got [1, 2]"),
         ({"transform": "cube"}, [], "config field `transform`: invalid choice: 'cube'"),
         ({}, ["--learning_rate", "fast"], "argument --learning_rate/--learning-rate: invalid float value: 'fast'"),
@@ -130,7 +130,7 @@ def test_bad_data_fails_in_one_line(recipe, tmp_path, capsys):
     rows["reward"][5] = None
     path = recipe(dataset_name=str(write_jsonl(tmp_path / "bad.jsonl", rows)))
     line = fails(["qrpo", "--config", path], capsys, code=1)
-    assert line.startswith("qrpo-trl qrpo: error: Column 'reward' of the train dataset, row 5: expected a finite number")
+    assert line.startswith("qrpo-trl qrpo: error: Column 'reward' of the train dataset, row 5: expected a finite")
     assert not (tmp_path / "out").exists()
 
 

@@ -21,7 +21,7 @@ qrpo-trl qrpo \
 
 The dataset needs `prompt`, `completion`, `reward` and `ref_rewards` (or a paired format, see the README); `qrpo-trl
 precompute` makes the reference rewards. Several GPUs: add `--accelerate_config zero3 --num_processes 8`, or run
-`accelerate launch --config_file configs/accelerate/zero3.yaml -m qrpo_trl.scripts.qrpo --config ...`.
+`accelerate launch --config_file configs/accelerate/zero3.yaml -m qrpo_trl.cli qrpo --config ...`.
 """
 
 import argparse
@@ -43,5 +43,5 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 if __name__ == "__main__":
     parser = make_parser()
-    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config()
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(fail_with_unknown_args=False)
     main(script_args, training_args, model_args, dataset_args)

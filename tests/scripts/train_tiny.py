@@ -4,8 +4,8 @@
     accelerate launch --config_file ... train_tiny.py JOBS_JSON OUTPUT_DIR  # several
 
 JOBS_JSON maps a job name to the arguments of a `qrpo-trl` training command (`["qrpo", "--config", ...]`). Several jobs
-share one launch, which is what a launch costs on CPU. Every process writes `OUTPUT_DIR/rank<N>.json`: per job, the map
-stage's columns as this process holds them, the rows it scored, the model hash keying the cache, and the logged metrics.
+share one launch, which is what costs on CPU. Every process writes `OUTPUT_DIR/rank<N>.json`: per job, the map stage's
+columns as this process holds them, the rows it scored, the model hash keying the cache, and the logged metrics.
 """
 
 import json
@@ -21,6 +21,7 @@ from qrpo_trl.scripts.utils import build_trainer  # noqa: E402
 
 
 TRAINERS = {"qrpo": QRPOTrainer, "rpo": RPOTrainer}
+LOGGED = ("loss", "target", "log_ratio", "logps/policy", "logps/ref", "quantile", "value", "num_tokens")
 
 
 def count_scored_rows(rows: list[int]) -> None:
@@ -51,7 +52,7 @@ def main():
         log = {}
         for entry in trainer.state.log_history:
             for key, value in entry.items():
-                if key in ("loss", "target", "log_ratio", "logps/policy", "logps/ref", "quantile", "value", "num_tokens"):
+                if key in LOGGED:
                     log.setdefault(key, []).append(value)
         results[name] = {
             "num_processes": trainer.accelerator.num_processes,
