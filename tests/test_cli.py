@@ -1,4 +1,5 @@
-"""The `qrpo-trl` command in this process: parsing, typing of config values, dataset loading, recipes and bad input."""
+"""The `qrpo-trl` command in this process: training, parsing, typing of config values, dataset loading, recipes and bad
+input."""
 
 import json
 import tomllib
@@ -11,6 +12,7 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from conftest import pointwise_rows
 from datasets import Dataset, DatasetDict
+from transformers import AutoModelForCausalLM
 from trl import DatasetMixtureConfig, ScriptArguments
 
 from qrpo_trl.cli import COMMANDS, command_parser, main, resolve_accelerate_config
@@ -81,6 +83,16 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["dpo"])
     assert exit_info.value.code == 2
+
+
+def test_command_trains_and_saves_a_model(recipe, tmp_path, tiny_llama_path, capsys):
+    assert main(["qrpo", "--config", recipe(max_steps=2, learning_rate=0.1)]) == 0
+    assert f"Model saved to {tmp_path / 'out'}" in capsys.readouterr().out
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    initial = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    for (name, param), initial_param in zip(trained.named_parameters(), initial.parameters(), strict=True):
+        assert not torch.equal(param, initial_param), f"{name} did not change"
+    assert (tmp_path / "out" / "tokenizer_config.json").exists()
 
 
 def test_config_values_are_typed_like_the_command_line(recipe):

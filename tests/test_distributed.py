@@ -1,7 +1,7 @@
 """
 Two processes on CPU with the shipped accelerate configs (DDP, ZeRO-2, ZeRO-3 over gloo) against one process with the
-same global batch, and the `qrpo-trl` command end to end: training, relaunching under `accelerate launch`, resuming
-under ZeRO-3, and failing cleanly.
+same global batch, and the `qrpo-trl` command relaunching itself under `accelerate launch`: resuming under ZeRO-3, and
+failing cleanly.
 
 Launches are what costs here (each process imports torch, transformers and TRL), so each launch trains several jobs
 (`scripts/train_tiny.py`), the one-process baseline is shared, and the resume test resumes the ZeRO-3 launch's run.
@@ -159,19 +159,6 @@ def test_two_processes_match_one(config, baseline, two_processes):
             np.testing.assert_allclose(log[key], expected[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
-def test_command_trains_and_saves_a_model(workspace, tiny_llama_path):
-    output = workspace.root / "command"
-    completed = workspace.run(
-        [sys.executable, "-m", "qrpo_trl.cli", "rpo", "--config", str(workspace.recipe), "--output_dir", str(output)],
-        cache="command",
-    )
-    assert f"Model saved to {output}" in completed.stdout
-    trained = AutoModelForCausalLM.from_pretrained(output)
-    initial = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
-    for (name, param), initial_param in zip(trained.named_parameters(), initial.parameters(), strict=True):
-        assert not torch.equal(param, initial_param), f"{name} did not change"
-
-
 def test_command_resumes_under_zero3(workspace, two_processes):
     """Relaunched by `qrpo-trl` under the shipped ZeRO-3 config, a run resumed from the checkpoint of step 3 of the
     uninterrupted ZeRO-3 run continues its loss curve, ends with its weights, and reuses its cached reference
@@ -207,16 +194,9 @@ def test_command_resumes_under_zero3(workspace, two_processes):
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_command_fails_in_one_line(workspace, tmp_path):
-    """Bad input ends the command with one error line and no traceback, also from inside launched processes."""
+def test_launched_command_fails_in_one_line(workspace, tmp_path):
+    """Bad input found inside the launched processes: their one-line errors, then the command's, and no traceback."""
     command = [sys.executable, "-m", "qrpo_trl.cli", "qrpo", "--config", str(workspace.recipe)]
-    missing = workspace.run([*command, "--dataset_name", str(tmp_path / "missing.jsonl")], cache="errors", check=False)
-    assert missing.returncode == 1
-    last_line = missing.stderr.strip().splitlines()[-1]
-    assert last_line == f"qrpo-trl qrpo: error: dataset file not found: {tmp_path}/missing.jsonl"
-    assert "Traceback" not in missing.stderr
-
-    # Found by each launched process (the data is only read there): their one-line errors, then the command's
     rows = pointwise_rows()
     rows["reward"][5] = None
     bad = tmp_path / "bad.jsonl"
