@@ -6,6 +6,7 @@ regression target is made. The loss is `scale * (target - beta * (logp_theta - l
 """
 
 import contextlib
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -126,6 +127,24 @@ class DataCollatorForPointwise(DataCollatorMixin):
         return batch
 
 
+def hash_partitioned_module(module: torch.nn.Module) -> str:
+    """
+    TRL's `hash_module` (the same digest) of a module whose parameters DeepSpeed ZeRO-3 has partitioned, gathering one
+    tensor at a time so that no process holds the whole model. Collective: every process must call it.
+    """
+    import deepspeed
+
+    digest = hashlib.sha256()
+    for _, tensor in sorted(module.state_dict(keep_vars=True).items()):
+        with deepspeed.zero.GatheredParameters([tensor] if hasattr(tensor, "ds_id") else [], modifier_rank=None):
+            tensor = tensor.detach().cpu()
+            digest.update(str(tensor.dtype).encode())
+            if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+                tensor = tensor.to(torch.float32)
+            digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
 class PointwiseTrainer(DPOTrainer):
     """
     Base of the pointwise trainers: a `trl.DPOTrainer` whose dataset is made of single (prompt, completion, reward)
@@ -243,6 +262,20 @@ class PointwiseTrainer(DPOTrainer):
             )
         self._data_collator = collator
 
+    # DPOTrainer.__init__ sets this key of the precompute caches to `hash_module(ref_model or model)`. Under ZeRO-3 the
+    # parameters are partitioned by then and that hash only sees empty tensors, the same for every model of an
+    # architecture: hash the gathered parameters instead.
+    @property
+    def _precompute_model_hash(self):
+        return self._reference_model_hash
+
+    @_precompute_model_hash.setter
+    def _precompute_model_hash(self, value):
+        model = self.ref_model if self.ref_model is not None else self.model
+        if value is not None and any(hasattr(param, "ds_id") for param in model.parameters()):
+            value = hash_partitioned_module(model)
+        self._reference_model_hash = value
+
     # ----------------------------------------------------------------------------------------------------------------
     # Hooks of the subclasses
 
@@ -297,8 +330,14 @@ class PointwiseTrainer(DPOTrainer):
         conversations first rendered to text by the chat template; the completion ends with EOS exactly once.
         """
         eos_token, eos_token_id = self._tokenizer.eos_token, self._tokenizer.eos_token_id
+        # The map function must not capture `self` (nor the whole config): `datasets` fingerprints it, and a closure
+        # over the trainer would hash differently on every run, so no cache (tokens, reference log-probs) is reused
+        is_encoder_decoder = self.is_encoder_decoder
         conversational = is_conversational(dataset[0])
         drop_long_prompts = args.max_length is not None and args.truncation_mode == "keep_start"
+        # The map's cache fingerprint hashes what `tokenize` captures: the whole `args` would make any other setting
+        # (output_dir, resume_from_checkpoint, ...) a cache miss, and a resumed run would tokenise and score anew
+        max_length = args.max_length
 
         def split_at_common_prefix(prompt_ids, full_ids):
             # The completion starts where the tokenised prompt and prompt+completion diverge (see
@@ -333,7 +372,7 @@ class PointwiseTrainer(DPOTrainer):
             return [(p, c + [eos_token_id]) for p, c in zip(prompt_ids, completion_ids, strict=True)]
 
         def tokenize(batch):
-            if self.is_encoder_decoder:
+            if is_encoder_decoder:
                 pairs = encoder_decoder_pairs(batch)
             elif conversational:
                 pairs = []
@@ -350,7 +389,7 @@ class PointwiseTrainer(DPOTrainer):
                 pairs = [split_at_common_prefix(p, f) for p, f in zip(prompt_ids, full_ids, strict=True)]
             # Rows are dropped inside the map rather than by a later filter, which would leave an indices mapping that
             # adding the target columns has to flatten (a cache write on every process).
-            kept = [i for i, (p, _) in enumerate(pairs) if not drop_long_prompts or len(p) < args.max_length]
+            kept = [i for i, (p, _) in enumerate(pairs) if not drop_long_prompts or len(p) < max_length]
             rows = {key: [values[i] for i in kept] for key, values in batch.items()}
             rows["prompt_ids"] = [pairs[i][0] for i in kept]
             rows["completion_ids"] = [pairs[i][1] for i in kept]

@@ -16,7 +16,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from qrpo_trl import QRPOConfig, QRPOTrainer, ReferenceConfig, RPOConfig, RPOTrainer, precompute_rewards
-from qrpo_trl.scripts import precompute
+from qrpo_trl import cli
 
 
 PROMPTS = ["what is the sky", "tell me about the sea", "hello", "tell me about the grass", "what is one two"]
@@ -343,8 +343,7 @@ def test_script_completes_a_dataset_from_a_yaml_config(tiny_llama_path, tmp_path
         "reference_cache_dir: cache\noutput_dir: completed\n"
     )
     monkeypatch.chdir(tmp_path)
-    parser = precompute.make_parser()
-    precompute.main(*parser.parse_args_and_config(args=["--config", "precompute.yaml"]))
+    assert cli.main(["precompute", "--config", "precompute.yaml"]) == 0
     completed = load_from_disk("completed")["train"]
     assert completed["reward"] == [1.0, 1.0]
     assert [len(refs) for refs in completed["ref_rewards"]] == [2, 2]

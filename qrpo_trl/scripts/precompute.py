@@ -6,8 +6,8 @@ QRPO), scores the completions that have no reward, and turns a prompt-only datas
 Every split of the dataset is processed; the result is saved with `DatasetDict.save_to_disk(output_dir)`.
 
 ```bash
-python -m qrpo_trl.scripts.precompute --config precompute.yaml
-accelerate launch -m qrpo_trl.scripts.precompute --config precompute.yaml  # each process samples its share
+qrpo-trl precompute --config precompute.yaml
+qrpo-trl precompute --config precompute.yaml --accelerate_config ddp --num_processes 8  # each process samples its share
 ```
 
 with, for example:
@@ -28,23 +28,17 @@ output_dir: scored-with-references
 """
 
 import argparse
-import importlib
-import os
-import sys
 from dataclasses import dataclass, field
 
-from trl import ScriptArguments
+from qrpo_trl.scripts.utils import RewardScriptArguments
 
 
 @dataclass
-class PrecomputeScriptArguments(ScriptArguments):
+class PrecomputeScriptArguments(RewardScriptArguments):
     """
-    Script arguments of the reference stage.
+    Script arguments of the reference stage: the reward functions (see `RewardScriptArguments`), and
 
     Args:
-        reward_funcs (`list[str]`):
-            Reward functions: each a reward-model path (a local directory, or a Hub id `org/name` when online) or the
-            dotted import path of a reward function (`my_module.my_reward`), resolved from the working directory.
         output_dir (`str`):
             Directory where the completed dataset (every split) is saved with `DatasetDict.save_to_disk`.
         add_ref_rewards (`bool`, *optional*, defaults to `True`):
@@ -52,13 +46,6 @@ class PrecomputeScriptArguments(ScriptArguments):
             that lack a reward, or samples the completions of a prompt-only dataset (RPO).
     """
 
-    reward_funcs: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "Reward functions: reward-model paths (a local directory, or a Hub id 'org/name' when online) or "
-            "dotted import paths of reward functions ('my_module.my_reward')."
-        },
-    )
     output_dir: str | None = field(
         default=None,
         metadata={"help": "Directory where the completed dataset (every split) is saved with `save_to_disk`."},
@@ -69,49 +56,24 @@ class PrecomputeScriptArguments(ScriptArguments):
     )
 
 
-def resolve_reward_func(name: str):
-    """A reward-model path stays a string (loaded by the stage); a dotted import path becomes the function it names."""
-    if "/" in name or os.path.isdir(name):
-        return name
-    module_name, _, attribute = name.rpartition(".")
-    sys.path.insert(0, os.getcwd())
-    try:
-        return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(
-            f"Reward function {name!r} is neither a reward-model directory nor an importable `module.function`: {error}"
-        ) from error
-    finally:
-        sys.path.remove(os.getcwd())
-
-
 def main(script_args, reference_args, model_args, dataset_args):
     from accelerate import PartialState
-    from accelerate.logging import get_logger
-    from datasets import DatasetDict, load_dataset
+    from datasets import DatasetDict
     from transformers import AutoTokenizer
-    from trl import get_dataset
     from trl.trainer.utils import create_model_from_path
 
     from qrpo_trl.reference_stage import ReferenceStage, RewardFunctions
+    from qrpo_trl.scripts.utils import load_datasets
 
-    logger = get_logger(__name__)
     if not script_args.reward_funcs:
         raise ValueError("Give at least one reward function or reward model in `reward_funcs`.")
     if script_args.output_dir is None:
         raise ValueError("Give the `output_dir` where the completed dataset is saved.")
 
-    # Load the dataset, as TRL's scripts do
-    if dataset_args.datasets:
-        if script_args.dataset_name:
-            logger.warning("Both `datasets` and `dataset_name` are given: `datasets` is used.")
-        dataset = get_dataset(dataset_args)
-    elif script_args.dataset_name:
-        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
-    else:
-        raise ValueError("Either `datasets` or `dataset_name` must be provided.")
-
     state = PartialState()
+    # Every process loads the dataset; the first one of each machine prepares its cache for the others
+    with state.main_process_first():
+        dataset = load_datasets(script_args, dataset_args)
     model = create_model_from_path(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
@@ -121,9 +83,7 @@ def main(script_args, reference_args, model_args, dataset_args):
     processing_class = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
     if processing_class.pad_token is None:
         processing_class.pad_token = processing_class.eos_token
-    reward_functions = RewardFunctions(
-        [resolve_reward_func(name) for name in script_args.reward_funcs], reward_weights=reference_args.reward_weights
-    )
+    reward_functions = RewardFunctions(script_args.resolved_reward_funcs(), reward_weights=reference_args.reward_weights)
     stage = ReferenceStage(model, processing_class, reward_functions, reference_args)
     completed = DatasetDict(
         {split: stage.run(data, script_args.add_ref_rewards, split) for split, data in dataset.items()}
