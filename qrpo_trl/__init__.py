@@ -4,6 +4,8 @@ from .pointwise_config import PointwiseConfig
 from .pointwise_trainer import DataCollatorForPointwise, PointwiseTrainer
 from .qrpo_config import QRPOConfig
 from .qrpo_trainer import QRPOTrainer
+from .reference_config import ReferenceConfig
+from .reference_stage import precompute_rewards
 from .rpo_config import RPOConfig
 from .rpo_trainer import RPOTrainer
 
@@ -16,6 +18,8 @@ __all__ = [
     "PointwiseTrainer",
     "QRPOConfig",
     "QRPOTrainer",
+    "ReferenceConfig",
     "RPOConfig",
     "RPOTrainer",
+    "precompute_rewards",
 ]

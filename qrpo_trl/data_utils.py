@@ -58,6 +58,33 @@ def check_columns(dataset: Dataset, dataset_name: str, reference_columns: tuple[
     )
 
 
+def has_rewards(column_names: list[str]) -> bool:
+    """Whether a pointwise (`completion`) or paired (`chosen`, `rejected`) dataset has its reward columns."""
+    if "completion" in column_names:
+        return "reward" in column_names
+    return all(column in column_names for column in PAIRED_COLUMNS) and paired_reward_columns(column_names) is not None
+
+
+def check_stage_columns(dataset: Dataset, dataset_name: str) -> None:
+    """
+    Raise a ValueError listing the formats the reference stage accepts if `dataset` matches none of them, and check the
+    reward columns it already has.
+    """
+    columns = dataset.column_names
+    num_paired = sum(column in columns for column in PAIRED_COLUMNS)
+    if ("prompt" in columns or num_paired == 2) and num_paired != 1:
+        if has_rewards(columns):
+            check_rewards(dataset, dataset_name)
+        return
+    raise ValueError(
+        f"The {dataset_name} dataset has columns {columns}, which match none of the formats the reference stage "
+        "(`reward_funcs`) accepts:\n"
+        "  - prompt-only: prompt (completions are sampled from the reference model)\n"
+        "  - pointwise: prompt, completion, and reward if it is not to be computed\n"
+        "  - paired: prompt, chosen, rejected, and their rewards if they are not to be computed"
+    )
+
+
 def float_column(dataset: Dataset, column: str, dataset_name: str) -> np.ndarray:
     """The column as float64, raising a ValueError naming the first row that is not a finite number."""
     array = dataset.with_format("arrow")[column]

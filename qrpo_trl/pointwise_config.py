@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from .reference_config import ReferenceStageFields
 from .targets import LOGPS_NORMALIZATIONS
 
 
@@ -24,7 +25,7 @@ _DPO_ONLY_FIELDS = (
 
 
 @dataclass
-class PointwiseConfig(DPOConfig):
+class PointwiseConfig(DPOConfig, ReferenceStageFields):
     r"""
     Base configuration of the pointwise trainers ([`QRPOConfig`], [`RPOConfig`]). It subclasses [`~trl.DPOConfig`], so
     every DPO field that is not about the pairwise loss (data preprocessing, `max_length`, `model_init_kwargs`, ...)
@@ -44,6 +45,35 @@ class PointwiseConfig(DPOConfig):
             How the completion-token log-probabilities of a sequence are aggregated, for the policy and the reference
             alike: `"sum"` (the sequence log-probability of the papers' math) or `"mean"` (per-token mean, as in the
             RPO paper's code).
+
+        > Parameters of the reference stage (see [`ReferenceConfig`]), used when the trainer is given `reward_funcs`
+        > and the dataset lacks rewards, or QRPO's `ref_rewards`. Sampling is seeded by `seed`.
+
+        num_generations (`int`, *optional*, defaults to `8`):
+            Number of completions sampled from the reference model per prompt: QRPO's reference completions, or the
+            training completions of a prompt-only dataset.
+        max_completion_length (`int`, *optional*, defaults to `512`):
+            Maximum number of tokens of a sampled completion.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature. QRPO's quantile assumes samples of the reference model itself: keep `1.0`.
+        top_p (`float`, *optional*, defaults to `1.0`):
+            Nucleus sampling threshold; `1.0` keeps every token.
+        top_k (`int`, *optional*, defaults to `0`):
+            Sample among the `top_k` most likely tokens only; `0` keeps every token.
+        generation_batch_size (`int`, *optional*, defaults to `32`):
+            Number of completions generated (or texts scored by a reward model) per batch on each process.
+        use_vllm (`bool`, *optional*, defaults to `False`):
+            Whether to sample with vLLM instead of `model.generate()` (needs vLLM and a CUDA GPU).
+        vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
+            Fraction of the GPU memory that vLLM may use.
+        reward_weights (`list[float]`, *optional*):
+            Weights of the reward functions: the reward is their weighted sum. If `None`, every weight is `1.0`.
+        keep_ref_completions (`bool`, *optional*, defaults to `False`):
+            Whether to keep the sampled reference completions as a `ref_completions` column.
+        reference_cache_dir (`str`, *optional*):
+            Directory of the reference-stage cache. If `None`, `$HF_HOME/qrpo_trl`.
+        reference_chunk_size (`int`, *optional*, defaults to `1024`):
+            Number of completions per cached chunk: an interrupted run resumes after the last completed chunk.
     """
 
     beta: float = field(
@@ -71,6 +101,7 @@ class PointwiseConfig(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self._check_reference_fields()  # TrainingArguments.__post_init__ does not chain to the mixin
         if not self.beta > 0:
             raise ValueError(f"`beta` must be > 0, got {self.beta}.")
         check_choice("logps_normalization", self.logps_normalization, LOGPS_NORMALIZATIONS)

@@ -6,6 +6,7 @@ regression target is made. The loss is `scale * (target - beta * (logp_theta - l
 """
 
 import contextlib
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOTrainer
 from trl.data_utils import _tokenize, apply_chat_template, common_prefix_length, is_conversational
 from trl.models import prepare_deepspeed
-from trl.models.utils import disable_gradient_checkpointing
+from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import (
     add_fused_lm_head,
@@ -36,8 +37,9 @@ from trl.trainer.utils import (
     use_adapter,
 )
 
-from .data_utils import check_columns, check_rewards, to_pointwise
+from .data_utils import check_columns, check_rewards, check_stage_columns, has_rewards, to_pointwise
 from .pointwise_config import PointwiseConfig
+from .reference_stage import ReferenceStage, RewardFunctions
 
 
 logger = get_logger(__name__)
@@ -149,6 +151,24 @@ class DataCollatorForPointwise(DataCollatorMixin):
         return torch.from_numpy((positions >= np.asarray(begin)[..., None]) & (positions < end[:, None])).long()
 
 
+def hash_partitioned_module(module: torch.nn.Module) -> str:
+    """
+    TRL's `hash_module` (the same digest) of a module whose parameters DeepSpeed ZeRO-3 has partitioned, gathering one
+    tensor at a time so that no process holds the whole model. Collective: every process must call it.
+    """
+    import deepspeed
+
+    digest = hashlib.sha256()
+    for _, tensor in sorted(module.state_dict(keep_vars=True).items()):
+        with deepspeed.zero.GatheredParameters([tensor] if hasattr(tensor, "ds_id") else [], modifier_rank=None):
+            tensor = tensor.detach().cpu()
+            digest.update(str(tensor.dtype).encode())
+            if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+                tensor = tensor.to(torch.float32)
+            digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
 class PointwiseTrainer(DPOTrainer):
     """
     Base of the pointwise trainers: a `trl.DPOTrainer` whose dataset is made of single (prompt, completion, reward)
@@ -164,7 +184,9 @@ class PointwiseTrainer(DPOTrainer):
     - `_target_statistics` / `_regression_targets`: the target columns, from dataset statistics of the training set;
     - `_loss_scale`: the factor in front of the squared residual.
 
-    The constructor takes the same arguments as `trl.DPOTrainer`.
+    The constructor takes the same arguments as `trl.DPOTrainer`, then (as `trl.GRPOTrainer` names them)
+    `reward_funcs` and `reward_processing_classes`: with them, a dataset that lacks rewards (or QRPO's reference
+    rewards) is completed by the reference stage (see `precompute_rewards`) before the map stage.
     """
 
     _config_class = PointwiseConfig
@@ -186,6 +208,8 @@ class PointwiseTrainer(DPOTrainer):
         optimizers=(None, None),
         quantization_config=None,
         peft_config=None,
+        reward_funcs=None,
+        reward_processing_classes=None,
     ):
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
@@ -198,6 +222,10 @@ class PointwiseTrainer(DPOTrainer):
             raise NotImplementedError(f"{type(self).__name__} does not support vision-language datasets.")
         self._train_statistics = None
         self._fused_lm_head_restricted = False
+        # Loaded before anything else, so that a reward model that cannot be loaded fails first
+        self._reward_functions = None
+        if reward_funcs is not None:
+            self._reward_functions = RewardFunctions(reward_funcs, reward_processing_classes, args.reward_weights)
         # `_prepare_dataset` tokenises for the architecture, but runs before DPOTrainer has loaded and stored the model
         if isinstance(model, str):
             revision = (args.model_init_kwargs or {}).get("revision")
@@ -259,6 +287,20 @@ class PointwiseTrainer(DPOTrainer):
             )
         self._data_collator = collator
 
+    # DPOTrainer.__init__ sets this key of the precompute caches to `hash_module(ref_model or model)`. Under ZeRO-3 the
+    # parameters are partitioned by then and that hash only sees empty tensors, the same for every model of an
+    # architecture: hash the gathered parameters instead.
+    @property
+    def _precompute_model_hash(self):
+        return self._reference_model_hash
+
+    @_precompute_model_hash.setter
+    def _precompute_model_hash(self, value):
+        model = self.ref_model if self.ref_model is not None else self.model
+        if value is not None and any(hasattr(param, "ds_id") for param in model.parameters()):
+            value = hash_partitioned_module(model)
+        self._reference_model_hash = value
+
     # ----------------------------------------------------------------------------------------------------------------
     # Hooks of the subclasses
 
@@ -288,6 +330,12 @@ class PointwiseTrainer(DPOTrainer):
             )
         if "completion_ids" in dataset.column_names:  # already prepared, e.g. handed back to `evaluate()`
             return dataset
+        if self._needs_reference_stage(dataset):
+            # Completing the dataset needs the reference model on its device and the processes set up, which only
+            # exist after `Trainer.__init__`: the reference stage runs first thing in the map stage
+            # (`_precompute_ref_logps`), which then prepares the completed dataset here. Check what can be checked now.
+            check_stage_columns(dataset, dataset_name)
+            return dataset
         check_columns(dataset, dataset_name, self._reference_columns)
         check_rewards(dataset, dataset_name)
         self._check_dataset(dataset, args, dataset_name)
@@ -307,8 +355,14 @@ class PointwiseTrainer(DPOTrainer):
         conversations first rendered to text by the chat template; the completion ends with EOS exactly once.
         """
         eos_token, eos_token_id = self._tokenizer.eos_token, self._tokenizer.eos_token_id
+        # The map function must not capture `self` (nor the whole config): `datasets` fingerprints it, and a closure
+        # over the trainer would hash differently on every run, so no cache (tokens, reference log-probs) is reused
+        is_encoder_decoder = self.is_encoder_decoder
         conversational = is_conversational(dataset[0])
         drop_long_prompts = args.max_length is not None and args.truncation_mode == "keep_start"
+        # The map's cache fingerprint hashes what `tokenize` captures: the whole `args` would make any other setting
+        # (output_dir, resume_from_checkpoint, ...) a cache miss, and a resumed run would tokenise and score anew
+        max_length = args.max_length
 
         def split_at_common_prefix(prompt_ids, full_ids):
             # The completion starts where the tokenised prompt and prompt+completion diverge (see
@@ -343,7 +397,7 @@ class PointwiseTrainer(DPOTrainer):
             return [(p, c + [eos_token_id]) for p, c in zip(prompt_ids, completion_ids, strict=True)]
 
         def tokenize(batch):
-            if self.is_encoder_decoder:
+            if is_encoder_decoder:
                 pairs = encoder_decoder_pairs(batch)
             elif conversational:
                 pairs = []
@@ -360,7 +414,7 @@ class PointwiseTrainer(DPOTrainer):
                 pairs = [split_at_common_prefix(p, f) for p, f in zip(prompt_ids, full_ids, strict=True)]
             # Rows are dropped inside the map rather than by a later filter, which would leave an indices mapping that
             # adding the target columns has to flatten (a cache write on every process).
-            kept = [i for i, (p, _) in enumerate(pairs) if not drop_long_prompts or len(p) < args.max_length]
+            kept = [i for i, (p, _) in enumerate(pairs) if not drop_long_prompts or len(p) < max_length]
             rows = {key: [values[i] for i in kept] for key, values in batch.items()}
             rows["prompt_ids"] = [pairs[i][0] for i in kept]
             rows["completion_ids"] = [pairs[i][1] for i in kept]
@@ -421,6 +475,10 @@ class PointwiseTrainer(DPOTrainer):
         self._restrict_fused_lm_head()
         if "target" in dataset.column_names:
             return dataset
+        if "completion_ids" not in dataset.column_names:  # left raw by `_prepare_dataset` for the reference stage
+            dataset = self._prepare_dataset(
+                self._run_reference_stage(dataset, name), self.processing_class, self.args, name
+            )
         ref_logps = None
         if self.args.precompute_ref_log_probs or self._target_needs_ref_logps:
             ref_logps = self._reference_logps(dataset, name, batch_size)
@@ -480,14 +538,7 @@ class PointwiseTrainer(DPOTrainer):
             shuffle=False,
         )
         dataloader = self.accelerator.prepare(dataloader)
-        # Before `train`, DeepSpeed parameters are still on CPU (ZeRO-1/2) or sharded (ZeRO-3): an inference engine
-        # places and gathers them, built once and reused (as DPOTrainer does).
-        if self.ref_model is None and self.is_deepspeed_enabled:
-            if self._precompute_engine is None:
-                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
-            model = self._precompute_engine
-        else:
-            model = self.ref_model if self.ref_model is not None else self.model
+        model = self._reference_inference_model()
         was_training = model.training
         model.eval()
         chunks = []
@@ -505,6 +556,48 @@ class PointwiseTrainer(DPOTrainer):
             np.save(temporary, ref_logps)
             os.replace(temporary, cache_file)
         return ref_logps
+
+    def _reference_inference_model(self):
+        """The model that runs the reference before training: `ref_model`, or the policy (adapters disabled by
+        `_reference_adapter_context` for PEFT)."""
+        # Before `train`, DeepSpeed parameters are still on CPU (ZeRO-1/2) or sharded (ZeRO-3): an inference engine
+        # places and gathers them, built once and reused (as DPOTrainer does).
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            return self._precompute_engine
+        return self.ref_model if self.ref_model is not None else self.model
+
+    def _reference_adapter_context(self):
+        """Disables the policy's adapters (or switches to its "ref" adapter) when it is its own reference."""
+        if self.ref_model is None and self._is_peft_policy:
+            unwrapped_model = self.accelerator.unwrap_model(self.model)
+            return use_adapter(unwrapped_model, adapter_name="ref" if "ref" in unwrapped_model.peft_config else None)
+        return contextlib.nullcontext()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Reference stage
+
+    def _needs_reference_stage(self, dataset: Dataset) -> bool:
+        """Whether `reward_funcs` were given and the dataset lacks rewards, or reference rewards the trainer needs."""
+        if self._reward_functions is None:
+            return False
+        columns = dataset.column_names
+        return not has_rewards(columns) or self._samples_ref_rewards(columns)
+
+    def _samples_ref_rewards(self, columns: list[str]) -> bool:
+        return "ref_rewards" in self._reference_columns and not any(c in columns for c in self._reference_columns)
+
+    def _run_reference_stage(self, dataset: Dataset, name: str) -> Dataset:
+        """Complete a raw dataset with the reference stage, sampling from the reference model on its device."""
+        with (
+            unwrap_model_for_generation(self._reference_inference_model(), self.accelerator) as model,
+            self._reference_adapter_context(),
+        ):
+            stage = ReferenceStage(
+                model, self.processing_class, self._reward_functions, self.args, self._precompute_model_hash
+            )
+            return stage.run(dataset, self._samples_ref_rewards(dataset.column_names), name)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Log-probabilities and loss
@@ -547,16 +640,10 @@ class PointwiseTrainer(DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs) -> torch.Tensor:
         """Reference log-probabilities of a padded batch: `model` without gradients, PEFT adapters disabled if no ref_model."""
-        adapter_context = contextlib.nullcontext()
-        if self.ref_model is None and self._is_peft_policy:
-            unwrapped_model = self.accelerator.unwrap_model(self.model)
-            adapter_context = use_adapter(
-                unwrapped_model, adapter_name="ref" if "ref" in unwrapped_model.peft_config else None
-            )
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            adapter_context,
+            self._reference_adapter_context(),
             self.accelerator.autocast(),
         ):
             return self._sequence_logps(model, inputs)

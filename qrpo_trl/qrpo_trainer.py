@@ -37,8 +37,19 @@ class QRPOTrainer(PointwiseTrainer):
 
     If both `ref_rewards` and `quantile_reward` are present, the quantile is computed from `ref_rewards`.
 
+    Given `reward_funcs`, the reference stage (see [`precompute_rewards`]) completes a dataset that lacks them: it
+    samples `num_generations` completions per prompt from the reference model and scores them (`ref_rewards`), and
+    scores the completions that have no `reward`. A prompt-only dataset is trained on completions sampled from the reference
+    model, whose `ref_rewards` then include the sample itself: set `exclude_self_from_ref=True`.
+
     Args:
-        Same as [`~trl.DPOTrainer`], with `args` a [`QRPOConfig`].
+        Same as [`~trl.DPOTrainer`], with `args` a [`QRPOConfig`], then:
+        reward_funcs (`str`, [`~transformers.PreTrainedModel`], callable, or a list of them, *optional*):
+            Reward functions, in [`~trl.GRPOTrainer`]'s convention: callables called with `prompts=`, `completions=`,
+            `completion_ids=` and the other dataset columns as keyword arguments; reward-model paths, loaded with
+            `AutoModelForSequenceClassification` (one label); or reward models. Weighted by `args.reward_weights`.
+        reward_processing_classes ([`~transformers.PreTrainedTokenizerBase`] or list, *optional*):
+            Tokenizers of the reward models, in the order of `reward_funcs`; loaded from their paths if `None`.
     """
 
     _config_class = QRPOConfig

@@ -26,8 +26,18 @@ class RPOTrainer(PointwiseTrainer):
     completions per prompt; or paired with scores (`prompt`, `chosen`, `rejected`, `chosen_reward`/`rejected_reward` or
     `score_chosen`/`score_rejected`), each pair becoming two pointwise samples.
 
+    Given `reward_funcs`, the reference stage (see [`precompute_rewards`]) scores the completions that have no reward,
+    and turns a prompt-only dataset into `num_generations` completions per prompt sampled from the reference model.
+    Such data is on-policy for the reference model, which is what `value_estimator="monte_carlo"` assumes.
+
     Args:
-        Same as [`~trl.DPOTrainer`], with `args` an [`RPOConfig`].
+        Same as [`~trl.DPOTrainer`], with `args` an [`RPOConfig`], then:
+        reward_funcs (`str`, [`~transformers.PreTrainedModel`], callable, or a list of them, *optional*):
+            Reward functions, in [`~trl.GRPOTrainer`]'s convention: callables called with `prompts=`, `completions=`,
+            `completion_ids=` and the other dataset columns as keyword arguments; reward-model paths, loaded with
+            `AutoModelForSequenceClassification` (one label); or reward models. Weighted by `args.reward_weights`.
+        reward_processing_classes ([`~transformers.PreTrainedTokenizerBase`] or list, *optional*):
+            Tokenizers of the reward models, in the order of `reward_funcs`; loaded from their paths if `None`.
     """
 
     _config_class = RPOConfig

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
     PreTrainedTokenizerFast,
     T5Config,
     T5ForConditionalGeneration,
@@ -94,6 +95,14 @@ def build_tiny_t5(tokenizer, seed: int = 0) -> T5ForConditionalGeneration:
     return T5ForConditionalGeneration(config)
 
 
+def build_tiny_reward_model(tokenizer, seed: int = 1) -> LlamaForSequenceClassification:
+    """A tiny Llama reward model (one label) with the same vocabulary."""
+    config = build_tiny_llama(tokenizer).config
+    config.num_labels = 1
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(config)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
@@ -119,6 +128,15 @@ def tiny_t5_path(tmp_path_factory, t5_tokenizer):
     path = tmp_path_factory.mktemp("tiny-t5")
     build_tiny_t5(t5_tokenizer).save_pretrained(path)
     t5_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_path(tmp_path_factory, tokenizer):
+    """A saved tiny Llama reward model with its tokenizer, loadable by path like a Hub reward model."""
+    path = tmp_path_factory.mktemp("tiny-reward-model")
+    build_tiny_reward_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return str(path)
 
 

@@ -1,62 +1,74 @@
-"""Train a QRPO or RPO model on an in-memory dataset and dump what the tests compare across launch modes.
+"""Train the jobs of a JSON file in one process, each as `qrpo-trl` would, and dump what the distributed tests compare.
 
-Run as `python train_tiny.py ...` (one process) or under `torchrun`/`accelerate launch` (several). The main process
-writes a JSON with the map stage's columns and the logged losses.
+    python train_tiny.py JOBS_JSON OUTPUT_DIR                            # one process
+    accelerate launch --config_file ... train_tiny.py JOBS_JSON OUTPUT_DIR  # several
+
+JOBS_JSON maps a job name to the arguments of a `qrpo-trl` training command (`["qrpo", "--config", ...]`). Several jobs
+share one launch, which is what costs on CPU. Every process writes `OUTPUT_DIR/rank<N>.json`: per job, the map stage's
+columns as this process holds them, the rows it scored, the model hash keying the cache, and the logged metrics.
 """
 
-import argparse
 import json
 import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from conftest import make_args, pointwise_rows  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from peft import LoraConfig  # noqa: E402
+from qrpo_trl import PointwiseTrainer, QRPOTrainer, RPOTrainer  # noqa: E402
+from qrpo_trl.cli import command_parser  # noqa: E402
+from qrpo_trl.scripts.utils import build_trainer  # noqa: E402
 
-from qrpo_trl import QRPOConfig, QRPOTrainer, RPOConfig, RPOTrainer  # noqa: E402
+
+TRAINERS = {"qrpo": QRPOTrainer, "rpo": RPOTrainer}
+LOGGED = ("loss", "target", "log_ratio", "logps/policy", "logps/ref", "quantile", "value", "num_tokens")
+
+
+def count_scored_rows(rows: list[int]) -> None:
+    """Record the size of every batch the reference model scores in this process."""
+    compute_ref_log_probs = PointwiseTrainer.compute_ref_log_probs
+
+    def counting(self, model, inputs):
+        rows.append(len(inputs["input_ids"]))
+        return compute_ref_log_probs(self, model, inputs)
+
+    PointwiseTrainer.compute_ref_log_probs = counting
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--method", choices=["qrpo", "rpo"], required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--per_device_train_batch_size", type=int, default=4)
-    parser.add_argument("--max_steps", type=int, default=3)
-    parser.add_argument("--lora", action="store_true")
-    cli = parser.parse_args()
-
-    trainer_class, config_class = {"qrpo": (QRPOTrainer, QRPOConfig), "rpo": (RPOTrainer, RPOConfig)}[cli.method]
-    args = make_args(
-        config_class,
-        os.path.join(os.path.dirname(cli.output), "run"),
-        per_device_train_batch_size=cli.per_device_train_batch_size,
-        max_steps=cli.max_steps,
-        learning_rate=0.01,
-        precompute_ref_batch_size=3,
-    )
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if cli.lora else None
-    trainer = trainer_class(
-        model=cli.model,
-        args=args,
-        train_dataset=Dataset.from_dict(pointwise_rows()),  # in memory: no cache file the processes could share
-        peft_config=peft_config,
-    )
-    trainer.train()
-    if trainer.accelerator.is_main_process:
+    jobs_file, output_dir = sys.argv[1:]
+    with open(jobs_file) as f:
+        jobs = json.load(f)
+    scored = []
+    count_scored_rows(scored)
+    results = {}
+    for name, (command, *args) in jobs.items():
+        *dataclasses, _ = command_parser(command).parse_command(args)
+        scored.clear()
+        trainer = build_trainer(TRAINERS[command], *dataclasses)
+        rows_scored = sum(scored)
+        trainer.train()
         prepared = trainer.train_dataset
-        result = {
+        log = {}
+        for entry in trainer.state.log_history:
+            for key, value in entry.items():
+                if key in LOGGED:
+                    log.setdefault(key, []).append(value)
+        results[name] = {
             "num_processes": trainer.accelerator.num_processes,
+            "partitioned": any(hasattr(param, "ds_id") for param in trainer.model.parameters()),
+            "model_hash": trainer._precompute_model_hash,
+            "rows_scored": rows_scored,
+            "cache_files": [os.path.basename(f["filename"]) for f in prepared.cache_files],
             "ref_logps": list(prepared["ref_logps"]),
             "target": list(prepared["target"]),
-            "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            "log": log,
         }
-        with open(cli.output, "w") as f:
-            json.dump(result, f)
+        trainer.accelerator.free_memory()
+        del trainer
+    rank = int(os.environ.get("RANK", 0))
+    with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
 
 
 if __name__ == "__main__":
