@@ -568,6 +568,11 @@ class PointwiseTrainer(DPOTrainer):
             return self._precompute_engine
         return self.ref_model if self.ref_model is not None else self.model
 
+    @cached_property
+    def _is_peft_policy(self) -> bool:
+        # accelerate's `is_peft_model` reads package metadata at every call (milliseconds): asked once, not per batch
+        return is_peft_model(self.model)
+
     def _reference_adapter_context(self):
         """Disables the policy's adapters (or switches to its "ref" adapter) when it is its own reference."""
         if self.ref_model is None and self._is_peft_policy:
@@ -632,11 +637,6 @@ class PointwiseTrainer(DPOTrainer):
         if self.args.logps_normalization == "mean":
             logps = logps / token_mask.sum(dim=1).clamp(min=1)
         return logps
-
-    @cached_property
-    def _is_peft_policy(self) -> bool:
-        # accelerate's `is_peft_model` reads package metadata at every call (milliseconds): asked once, not per batch
-        return is_peft_model(self.model)
 
     def compute_ref_log_probs(self, model, inputs) -> torch.Tensor:
         """Reference log-probabilities of a padded batch: `model` without gradients, PEFT adapters disabled if no ref_model."""
