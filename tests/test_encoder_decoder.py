@@ -400,6 +400,21 @@ def test_rpo_trains_on_completions_sampled_from_t5_for_prompts(tiny_t5_path, tmp
         assert not torch.equal(param, before[name]), f"{name} did not change"
 
 
+def test_lora_t5_policy_samples_from_its_base_model(tiny_t5_path, t5_tokenizer, tmp_path):
+    """The reference of a LoRA policy is its base model: the stage samples with the adapters disabled."""
+    rows = pointwise_rows()
+    dataset = Dataset.from_dict({"prompt": rows["prompt"], "completion": rows["completion"]})
+    args = make_args(
+        QRPOConfig, tmp_path / "out", num_generations=3, max_completion_length=6, keep_ref_completions=True,
+        reference_cache_dir=str(tmp_path / "cache"),
+    )
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False)  # not a no-op
+    trainer = QRPOTrainer(model=tiny_t5_path, args=args, train_dataset=dataset, reward_funcs=word_count, peft_config=lora)
+    base = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_path)
+    expected = precompute_rewards(dataset, base, word_count, t5_reference_args(tmp_path / "base"), t5_tokenizer)
+    assert trainer.train_dataset["ref_completions"] == expected["ref_completions"]
+
+
 def test_vllm_sampling_of_an_encoder_decoder_model_is_an_error(t5_tokenizer, tmp_path):
     args = t5_reference_args(tmp_path, use_vllm=True)
     match = r"`use_vllm=True`: sampling with vLLM does not support encoder-decoder models such as T5.*`use_vllm=False`"
