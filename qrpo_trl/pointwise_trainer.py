@@ -7,7 +7,6 @@ regression target is made. The loss is `scale * (target - beta * (logp_theta - l
 
 import contextlib
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,7 +24,6 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig
 from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOTrainer
-from trl.data_utils import _tokenize, apply_chat_template, common_prefix_length, is_conversational
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -40,6 +38,7 @@ from trl.trainer.utils import (
 from .data_utils import check_columns, check_rewards, check_stage_columns, has_rewards, to_pointwise
 from .pointwise_config import PointwiseConfig
 from .reference_stage import ReferenceStage, RewardFunctions
+from .tokenization import template_kwargs, tokenize_pairs
 
 
 logger = get_logger(__name__)
@@ -346,72 +345,23 @@ class PointwiseTrainer(DPOTrainer):
 
     def _tokenize(self, dataset: Dataset, processing_class, args, dataset_name: str, map_kwargs: dict) -> Dataset:
         """
-        Add `prompt_ids` and `completion_ids`, tokenised as TRL's DPOTrainer does (EOS appended to text completions).
-        Like DPOTrainer, drop the samples whose prompt alone fills `max_length` (truncation would leave no completion
-        token); unlike it, say how many were dropped or truncated.
-
-        For an encoder-decoder model the prompt (the encoder input) and the completion (the decoder target) are
-        tokenised apart, each with the tokenizer's special tokens as such models are trained (T5 appends EOS to both),
-        conversations first rendered to text by the chat template; the completion ends with EOS exactly once.
+        Add `prompt_ids` and `completion_ids`, tokenised by `tokenize_pairs` (as TRL's DPOTrainer does for decoder-only
+        models, and as the reference stage tokenises; see `qrpo_trl.tokenization`). Like DPOTrainer, drop the samples
+        whose prompt alone fills `max_length` (truncation would leave no completion token); unlike it, say how many were
+        dropped or truncated.
         """
-        eos_token, eos_token_id = self._tokenizer.eos_token, self._tokenizer.eos_token_id
         # The map function must not capture `self` (nor the whole config): `datasets` fingerprints it, and a closure
         # over the trainer would hash differently on every run, so no cache (tokens, reference log-probs) is reused
         is_encoder_decoder = self.is_encoder_decoder
-        conversational = is_conversational(dataset[0])
         drop_long_prompts = args.max_length is not None and args.truncation_mode == "keep_start"
         # The map's cache fingerprint hashes what `tokenize` captures: the whole `args` would make any other setting
         # (output_dir, resume_from_checkpoint, ...) a cache miss, and a resumed run would tokenise and score anew
         max_length = args.max_length
 
-        def split_at_common_prefix(prompt_ids, full_ids):
-            # The completion starts where the tokenised prompt and prompt+completion diverge (see
-            # `trl.data_utils.common_prefix_length`), which is not always the end of the prompt.
-            prompt_len = common_prefix_length(prompt_ids, full_ids)
-            if prompt_len < len(prompt_ids):
-                logger.warning_once(
-                    "The tokenized prompt is not a prefix of the tokenized prompt+completion (chat template or token "
-                    "merge at the boundary); the completion starts where they diverge."
-                )
-            return full_ids[:prompt_len], full_ids[prompt_len:]
-
-        def template_kwargs(batch, i):
-            tools = batch["tools"][i] if "tools" in batch else None
-            tools = json.loads(tools) if isinstance(tools, str) else tools
-            return {"tools": tools, **(batch["chat_template_kwargs"][i] if "chat_template_kwargs" in batch else {})}
-
-        def encoder_decoder_pairs(batch):
-            prompts, completions = batch["prompt"], batch["completion"]
-            if conversational:
-                texts = [
-                    apply_chat_template({"prompt": p, "completion": c}, processing_class, **template_kwargs(batch, i))
-                    for i, (p, c) in enumerate(zip(prompts, completions, strict=True))
-                ]
-                prompts, completions = [text["prompt"] for text in texts], [text["completion"] for text in texts]
-            prompt_ids = processing_class(text=prompts)["input_ids"]
-            completion_ids = processing_class(text_target=completions)["input_ids"]
-            # T5 tokenizers append EOS themselves (a second one if the text already ends with it), others may not
-            for ids in completion_ids:
-                while ids and ids[-1] == eos_token_id:
-                    ids.pop()
-            return [(p, c + [eos_token_id]) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-
         def tokenize(batch):
-            if is_encoder_decoder:
-                pairs = encoder_decoder_pairs(batch)
-            elif conversational:
-                pairs = []
-                for i, (prompt, completion) in enumerate(zip(batch["prompt"], batch["completion"], strict=True)):
-                    kwargs = template_kwargs(batch, i)
-                    prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **kwargs)
-                    full_ids = _tokenize(processing_class, prompt + completion, **kwargs)
-                    pairs.append(split_at_common_prefix(prompt_ids["input_ids"], full_ids["input_ids"]))
-            else:
-                completions = [c if c.endswith(eos_token) else c + eos_token for c in batch["completion"]]
-                prompt_ids = processing_class(text=batch["prompt"])["input_ids"]
-                texts = [p + c for p, c in zip(batch["prompt"], completions, strict=True)]
-                full_ids = processing_class(text=texts)["input_ids"]
-                pairs = [split_at_common_prefix(p, f) for p, f in zip(prompt_ids, full_ids, strict=True)]
+            pairs = tokenize_pairs(
+                processing_class, batch["prompt"], batch["completion"], is_encoder_decoder, template_kwargs(batch)
+            )
             # Rows are dropped inside the map rather than by a later filter, which would leave an indices mapping that
             # adding the target columns has to flatten (a cache write on every process).
             kept = [i for i, (p, _) in enumerate(pairs) if not drop_long_prompts or len(p) < max_length]

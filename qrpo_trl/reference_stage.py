@@ -53,12 +53,13 @@ from transformers import (
     TopPLogitsWarper,
 )
 from transformers.utils import is_torch_cuda_available
-from trl.data_utils import _tokenize, apply_chat_template, common_prefix_length, extract_prompt, is_conversational
+from trl.data_utils import apply_chat_template, extract_prompt, is_conversational
 from trl.import_utils import is_vllm_available
 from trl.trainer.utils import create_model_from_path, get_callable_name, get_config_model_id, hash_module, pad
 
 from .data_utils import PAIRED_COLUMNS, PAIRED_REWARD_COLUMNS, check_stage_columns, paired_reward_columns
 from .reference_config import ReferenceConfig, ReferenceStageFields
+from .tokenization import template_kwargs, tokenize_pairs, tokenize_prompts
 
 
 logger = get_logger(__name__)
@@ -104,7 +105,7 @@ def precompute_rewards(
             Existing reward columns are kept; missing ones are computed. Other columns are passed to the reward
             functions as keyword arguments, as in TRL's GRPO.
         model (`str` or [`~transformers.PreTrainedModel`]):
-            The reference model (a causal LM), or its local path.
+            The reference model (a causal LM, or an encoder-decoder LM such as T5), or its local path.
         reward_funcs (`str`, [`~transformers.PreTrainedModel`], callable, or a list of them):
             As in [`~trl.GRPOTrainer`]: a callable is called with `prompts=`, `completions=`, `completion_ids=` and
             the other dataset columns as keyword arguments, and returns one reward per completion; a string is the
@@ -359,9 +360,13 @@ def generate_completions(
 ) -> list[list[int]]:
     """
     Sample one completion per prompt with `model.generate`: prompts sorted by length (less padding), batches of
-    `args.generation_batch_size`, left padding, each sequence from its own seed (see [`PerSequenceSampler`]). Returns
-    the completion token ids, up to and including the first EOS token.
+    `args.generation_batch_size`, each sequence from its own seed (see [`PerSequenceSampler`]). A decoder-only model's
+    prompts are padded on the left and continued; an encoder-decoder model's are its encoder inputs, padded on the
+    right, and the completion is what its decoder generates after the decoder start token. Returns the completion token
+    ids, up to and including the first EOS token.
     """
+    is_encoder_decoder = model.config.is_encoder_decoder
+    padding_side = "right" if is_encoder_decoder else "left"
     eos_ids = _eos_token_ids(model, processing_class)
     generation_config = GenerationConfig(
         max_new_tokens=args.max_completion_length,
@@ -386,19 +391,21 @@ def generate_completions(
         batch = order[start : start + args.generation_batch_size]
         input_ids = pad(
             [torch.tensor(prompt_ids[i]) for i in batch], padding_value=processing_class.pad_token_id,
-            padding_side="left",
+            padding_side=padding_side,
         )
-        attention_mask = pad([torch.ones(len(prompt_ids[i]), dtype=torch.long) for i in batch], 0, padding_side="left")
-        # Decoder-only: left padding, and the output starts with the prompt. (An encoder-decoder model pads its encoder
-        # inputs on the right and returns the decoder's tokens only.)
+        attention_mask = pad(
+            [torch.ones(len(prompt_ids[i]), dtype=torch.long) for i in batch], 0, padding_side=padding_side
+        )
         sequences = model.generate(
             input_ids=input_ids.to(model.device),
             attention_mask=attention_mask.to(model.device),
             generation_config=generation_config,
             logits_processor=LogitsProcessorList([*warpers, PerSequenceSampler([seeds[i] for i in batch])]),
         )
+        # The decoder's output starts with its start token; a decoder-only model's with the (padded) prompt
+        completion_start = 1 if is_encoder_decoder else input_ids.shape[1]
         num_tokens = 0
-        for i, ids in zip(batch, sequences[:, input_ids.shape[1] :].tolist(), strict=True):
+        for i, ids in zip(batch, sequences[:, completion_start:].tolist(), strict=True):
             end = next((position + 1 for position, token in enumerate(ids) if token in eos_ids), len(ids))
             completions[i] = ids[:end]
             num_tokens += end
@@ -430,6 +437,11 @@ def generate_completions_vllm(
     progress: Callable[[int, int], None] = lambda completions, tokens: None,
 ) -> list[list[int]]:
     """The vLLM counterpart of [`generate_completions`]: one request per completion, with its own seed."""
+    if model.config.is_encoder_decoder:
+        raise ValueError(
+            "`use_vllm=True`: sampling with vLLM does not support encoder-decoder models such as T5 here; set "
+            "`use_vllm=False` to sample with `model.generate`."
+        )
     if not is_vllm_available():
         raise ImportError("`use_vllm=True` needs vLLM: `pip install vllm`.")
     if not is_torch_cuda_available():
@@ -469,6 +481,7 @@ class ReferenceStage:
         model_fingerprint: str | None = None,
     ):
         self.model = model
+        self.is_encoder_decoder = model.config.is_encoder_decoder
         self.processing_class = processing_class
         self.reward_functions = reward_functions
         self.args = args
@@ -507,6 +520,7 @@ class ReferenceStage:
         kwarg_columns = [column for column in columns if column not in _STAGE_COLUMNS]
         rows = dataset.select_columns(["prompt", *(column for column, _ in to_score), *kwarg_columns]).to_list()
         conversational = is_conversational({"prompt": rows[0]["prompt"]})
+        templates_kwargs = template_kwargs({column: [row[column] for row in rows] for column in rows[0]})
 
         # Pass 1: sample completions per distinct (prompt, reward-function columns)
         groups, group_of_row, first_rows = {}, [], []
@@ -518,7 +532,10 @@ class ReferenceStage:
             group_of_row.append(groups[key])
         sampled_ids, sampled = [], []
         if sample:
-            prompt_ids = [self._prompt_ids(rows[i]["prompt"], rows[i]) for i in first_rows]
+            prompt_ids = tokenize_prompts(
+                self.processing_class, [rows[i]["prompt"] for i in first_rows], self.is_encoder_decoder,
+                [templates_kwargs[i] for i in first_rows],
+            )
             sampled_ids = self._sample(prompt_ids, dataset_name)
             sampled = [self._decode(*pair, conversational) for pair in zip(prompt_ids, sampled_ids, strict=True)]
 
@@ -529,9 +546,12 @@ class ReferenceStage:
             for completion, ids in zip(sampled[group], sampled_ids[group], strict=True)
         ]
         for column, _ in to_score:
-            items += [
-                (i, row[column], self._completion_ids(row["prompt"], row[column], row)) for i, row in enumerate(rows)
-            ]
+            completions = [row[column] for row in rows]
+            pairs = tokenize_pairs(
+                self.processing_class, [row["prompt"] for row in rows], completions, self.is_encoder_decoder,
+                templates_kwargs,
+            )
+            items += [(i, completion, ids) for i, (completion, (_, ids)) in enumerate(zip(completions, pairs))]
         rewards = self._score(items, rows, kwarg_columns, dataset_name)
         num_sampled = len(sampled) * self.args.num_generations
         sampled_rewards = rewards[:num_sampled].reshape(len(sampled), self.args.num_generations).tolist()
@@ -572,27 +592,17 @@ class ReferenceStage:
         )
 
     # ------------------------------------------------------------------------------------------------------------------
-    # Tokenisation, as the trainers tokenise (see PointwiseTrainer._tokenize)
-
-    def _prompt_ids(self, prompt, row: dict) -> list[int]:
-        if isinstance(prompt, str):
-            return self.processing_class(text=prompt)["input_ids"]
-        ids = _tokenize(self.processing_class, prompt, add_generation_prompt=True, **_template_kwargs(row))
-        return ids["input_ids"]
-
-    def _completion_ids(self, prompt, completion, row: dict) -> list[int]:
-        if isinstance(prompt, str):
-            full_ids = self.processing_class(text=prompt + completion)["input_ids"]
-        else:
-            full_ids = _tokenize(self.processing_class, prompt + completion, **_template_kwargs(row))["input_ids"]
-        return full_ids[common_prefix_length(self._prompt_ids(prompt, row), full_ids) :]
+    # Decoding
 
     def _decode(self, prompt_ids: list[int], completions_ids: list[list[int]], conversational: bool) -> list:
         decode = functools.partial(self.processing_class.decode, skip_special_tokens=True)
         if conversational:
             return [[{"role": "assistant", "content": decode(ids)}] for ids in completions_ids]
-        # A text completion continues its prompt: decoded alone, it would lose the leading space that tokenizers such
-        # as SentencePiece fold into its first token, and prompt + completion would not be the sampled text
+        if self.is_encoder_decoder:  # the decoder target stands alone: the trainers tokenise it apart from the prompt
+            return [decode(ids) for ids in completions_ids]
+        # A decoder-only model's text completion continues its prompt: decoded alone, it would lose the leading space
+        # that tokenizers such as SentencePiece fold into its first token, and prompt + completion would not be the
+        # sampled text
         prompt = decode(prompt_ids)
         texts = [decode(prompt_ids + ids) for ids in completions_ids]
         return [
@@ -716,11 +726,6 @@ class ReferenceStage:
     def _shard(self, chunk: list) -> list:
         with self.state.split_between_processes(chunk) as shard:
             return shard
-
-
-def _template_kwargs(row: dict) -> dict:
-    tools = row.get("tools")
-    return {"tools": json.loads(tools) if isinstance(tools, str) else tools, **(row.get("chat_template_kwargs") or {})}
 
 
 class _ChunkCache:
