@@ -1,30 +1,67 @@
-"""Trained to convergence on one prompt, the policy reaches the closed-form optimum the targets encode."""
+"""
+Trained to convergence on one prompt, the policy reaches the closed-form optimum the targets encode, for a decoder-only
+(tiny Llama) and an encoder-decoder (tiny T5) model.
+"""
+
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from conftest import make_args, sequence_logps
+from conftest import make_args, seq2seq_sequence_logps, sequence_logps
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from qrpo_trl import QRPOConfig, QRPOTrainer, RPOConfig, RPOTrainer
 from qrpo_trl.targets import beta_log_partition
 
 
 COMPLETIONS = [" yes", " no", " maybe", " sure"]
-TRAINING = dict(max_steps=200, learning_rate=0.03, lr_scheduler_type="constant", logging_steps=100, per_device_train_batch_size=4)
 
 
-def log_ratios(trainer, reference_path):
-    reference = AutoModelForCausalLM.from_pretrained(reference_path)
+@dataclass
+class Architecture:
+    model_fixture: str
+    model_class: type
+    sequence_logps: callable
+    training: dict
+
+
+ARCHITECTURES = {
+    "llama": Architecture(
+        "tiny_llama_path",
+        AutoModelForCausalLM,
+        sequence_logps,
+        dict(max_steps=200, learning_rate=0.03, lr_scheduler_type="constant", logging_steps=100, per_device_train_batch_size=4),
+    ),
+    "t5": Architecture(
+        "tiny_t5_path",
+        AutoModelForSeq2SeqLM,
+        seq2seq_sequence_logps,
+        dict(max_steps=120, learning_rate=0.1, lr_scheduler_type="linear", logging_steps=120, per_device_train_batch_size=4),
+    ),
+}
+
+
+@pytest.fixture(params=list(ARCHITECTURES))
+def architecture(request):
+    """The architecture, and the path of its tiny model."""
+    architecture = ARCHITECTURES[request.param]
+    return architecture, request.getfixturevalue(architecture.model_fixture)
+
+
+def log_ratios(trainer, architecture, reference_path):
+    """log pi(y|x) of each training sample under the trained policy and under the reference, by independent forwards."""
+    reference = architecture.model_class.from_pretrained(reference_path)
     policy = trainer.model.eval()
     rows = list(trainer.train_dataset)
-    trained = np.array([sequence_logps(policy, row["prompt_ids"], row["completion_ids"]) for row in rows])
-    initial = np.array([sequence_logps(reference, row["prompt_ids"], row["completion_ids"]) for row in rows])
+    trained = np.array([architecture.sequence_logps(policy, row["prompt_ids"], row["completion_ids"]) for row in rows])
+    initial = np.array([architecture.sequence_logps(reference, row["prompt_ids"], row["completion_ids"]) for row in rows])
     return trained, initial
 
 
 @pytest.mark.parametrize("transform", ["identity", "log"])
-def test_qrpo_reaches_its_target_log_ratios(tiny_llama_path, tmp_path, transform):
+def test_qrpo_reaches_its_target_log_ratios(architecture, tmp_path, transform):
+    architecture, model_path = architecture
     beta = 1.0
     rows = {
         "prompt": ["hello"] * 4,
@@ -32,25 +69,26 @@ def test_qrpo_reaches_its_target_log_ratios(tiny_llama_path, tmp_path, transform
         "reward": [0.5, 1.5, 2.5, 3.5],  # quantiles 0, 1/3, 2/3, 1 against the references below
         "ref_rewards": [[1.0, 2.0, 3.0]] * 4,
     }
-    args = make_args(QRPOConfig, tmp_path, beta=beta, transform=transform, **TRAINING)
-    trainer = QRPOTrainer(model=tiny_llama_path, args=args, train_dataset=Dataset.from_dict(rows))
+    args = make_args(QRPOConfig, tmp_path, beta=beta, transform=transform, **architecture.training)
+    trainer = QRPOTrainer(model=model_path, args=args, train_dataset=Dataset.from_dict(rows))
     trainer.train()
-    trained, initial = log_ratios(trainer, tiny_llama_path)
+    trained, initial = log_ratios(trainer, architecture, model_path)
     q = np.array([0, 1 / 3, 2 / 3, 1])
     f = q if transform == "identity" else np.log(np.maximum(q, 1 / 3))
     expected = (f - beta_log_partition(transform, beta)) / beta
     np.testing.assert_allclose(trained - initial, expected, atol=0.1)
 
 
-def test_rpo_reaches_a_softmax_over_the_completions(tiny_llama_path, tmp_path):
+def test_rpo_reaches_a_softmax_over_the_completions(architecture, tmp_path):
+    architecture, model_path = architecture
     tau = 1.0
     rewards = np.array([0.0, 1.0, 2.0, 0.5])
     rows = {"prompt": ["hello"] * 4, "completion": COMPLETIONS, "reward": rewards.tolist()}
-    args = make_args(RPOConfig, tmp_path, beta=tau, **TRAINING)
-    trainer = RPOTrainer(model=tiny_llama_path, args=args, train_dataset=Dataset.from_dict(rows))
+    args = make_args(RPOConfig, tmp_path, beta=tau, **architecture.training)
+    trainer = RPOTrainer(model=model_path, args=args, train_dataset=Dataset.from_dict(rows))
     values = np.array(trainer.train_dataset["value"])
     trainer.train()
-    trained, initial = log_ratios(trainer, tiny_llama_path)
+    trained, initial = log_ratios(trainer, architecture, model_path)
     np.testing.assert_allclose(trained - initial, (rewards - values) / tau, atol=0.1)
     # The optimum is a softmax over the observed completions: their probabilities sum to about 1
     assert np.exp(trained).sum() == pytest.approx(1.0, abs=0.05)

@@ -36,7 +36,6 @@ from qrpo_trl import (
 )
 from qrpo_trl.pointwise_trainer import disable_float_dropout
 from qrpo_trl.reference_stage import PerSequenceSampler, completion_seed
-from qrpo_trl.targets import beta_log_partition
 
 
 METHODS = pytest.mark.parametrize(
@@ -172,48 +171,6 @@ def test_t5_attention_dropout_is_disabled(tiny_t5_path, t5_tokenizer, dataset, t
         trainer.model.train()
         first, second = (trainer._sequence_logps(trainer.model, batch) for _ in range(2))
         assert torch.equal(first, second) == disable_dropout
-
-
-COMPLETIONS = [" yes", " no", " maybe", " sure"]
-TRAINING = dict(max_steps=60, learning_rate=0.1, lr_scheduler_type="linear", logging_steps=60, per_device_train_batch_size=4)
-
-
-def trained_and_initial_logps(trainer, reference_path):
-    reference = AutoModelForSeq2SeqLM.from_pretrained(reference_path)
-    policy = trainer.model.eval()
-    rows = list(trainer.train_dataset)
-    trained = np.array([seq2seq_sequence_logps(policy, row["prompt_ids"], row["completion_ids"]) for row in rows])
-    initial = np.array([seq2seq_sequence_logps(reference, row["prompt_ids"], row["completion_ids"]) for row in rows])
-    return trained, initial
-
-
-def test_qrpo_reaches_its_target_log_ratios(tiny_t5_path, tmp_path):
-    beta = 1.0
-    rows = {
-        "prompt": ["hello"] * 4,
-        "completion": COMPLETIONS,
-        "reward": [0.5, 1.5, 2.5, 3.5],  # quantiles 0, 1/3, 2/3, 1 against the references below
-        "ref_rewards": [[1.0, 2.0, 3.0]] * 4,
-    }
-    args = make_args(QRPOConfig, tmp_path, beta=beta, **TRAINING)
-    trainer = QRPOTrainer(model=tiny_t5_path, args=args, train_dataset=Dataset.from_dict(rows))
-    trainer.train()
-    trained, initial = trained_and_initial_logps(trainer, tiny_t5_path)
-    expected = (np.array([0, 1 / 3, 2 / 3, 1]) - beta_log_partition("identity", beta)) / beta
-    np.testing.assert_allclose(trained - initial, expected, atol=0.1)
-
-
-def test_rpo_reaches_a_softmax_over_the_completions(tiny_t5_path, tmp_path):
-    tau = 1.0
-    rewards = np.array([0.0, 1.0, 2.0, 0.5])
-    rows = {"prompt": ["hello"] * 4, "completion": COMPLETIONS, "reward": rewards.tolist()}
-    args = make_args(RPOConfig, tmp_path, beta=tau, **TRAINING)
-    trainer = RPOTrainer(model=tiny_t5_path, args=args, train_dataset=Dataset.from_dict(rows))
-    values = np.array(trainer.train_dataset["value"])
-    trainer.train()
-    trained, initial = trained_and_initial_logps(trainer, tiny_t5_path)
-    np.testing.assert_allclose(trained - initial, (rewards - values) / tau, atol=0.1)
-    assert np.exp(trained).sum() == pytest.approx(1.0, abs=0.05)
 
 
 def test_bad_input(tiny_t5_path, tmp_path, caplog):
