@@ -30,22 +30,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from qrpo_trl import ReferenceConfig, precompute_rewards  # noqa: E402
 from qrpo_trl.reference_stage import completion_seed, generate_completions  # noqa: E402
 
-
-def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    special = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate(special + [f"w{i}" for i in range(vocab_size - len(special))])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+from benchmark import build_tokenizer  # noqa: E402  (the word-level tokenizer of scripts/benchmark.py, next to this script)
 
 
 def build_model(tokenizer, hidden_size: int, num_layers: int) -> LlamaForCausalLM:
