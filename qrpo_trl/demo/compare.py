@@ -1,6 +1,6 @@
 """
-Comparison mode: the same scored completions of the reference model, the same LoRA, optimiser, steps and completions
-per step, for QRPO (identity and log transforms), RPO, TRL's DPOTrainer and TRL's KTOTrainer; evaluated like the demo.
+Comparison mode: the same scored completions of the reference model, the same LoRA, optimiser, steps, completions
+per step and KL coefficient `beta`, for QRPO (identity and log transforms), RPO, TRL's DPOTrainer and TRL's KTOTrainer; evaluated like the demo.
 
 - QRPO: every completion, its quantile among the other completions of its prompt.
 - RPO: every completion and its reward; `V(x)` by the Monte Carlo estimate, as the completions are samples of the
@@ -99,10 +99,12 @@ def run_comparison(config: DemoConfig) -> dict:
         ),
         "DPO (best vs worst)": lambda: train_trl(
             DPOTrainer,
-            DPOConfig(**{**arguments("dpo"), "per_device_train_batch_size": max(1, batch_size // 2)}),
+            DPOConfig(**{**arguments("dpo"), "per_device_train_batch_size": max(1, batch_size // 2)}, beta=config.beta),
             best_vs_worst_pairs(train_data),
         ),
-        "KTO (vs median)": lambda: train_trl(KTOTrainer, KTOConfig(**arguments("kto")), above_below_median(train_data)),
+        "KTO (vs median)": lambda: train_trl(
+            KTOTrainer, KTOConfig(**arguments("kto"), beta=config.beta), above_below_median(train_data)
+        ),
     }
     results, logs = {}, {}
     for name, train in methods.items():

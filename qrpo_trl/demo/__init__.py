@@ -1,0 +1,1 @@
+"""The demo: `python -m qrpo_trl.demo` (`make demo`) aligns SmolLM2-135M-Instruct offline on a built-in task; see README."""
