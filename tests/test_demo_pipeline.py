@@ -11,8 +11,8 @@ from qrpo_trl.demo.__main__ import main, parse_config
 
 # The quick variant shrunk to seconds: a few SFT steps, 2 samples of 8 tokens per prompt, a few QRPO steps
 TINY = [
-    "--quick", "--sft_steps", "4", "--num_heldout_topics", "4", "--rules_per_topic", "1", "--num_generations", "2",
-    "--num_eval_generations", "2", "--max_completion_length", "8",
+    "--quick", "--sft_steps", "4", "--num_heldout_topics", "4", "--rules_per_topic", "1", "--max_train_prompts", "8",
+    "--num_generations", "2", "--num_eval_generations", "2", "--max_completion_length", "8",
 ]  # fmt: skip
 
 
@@ -35,10 +35,10 @@ def test_quick_demo_runs_every_stage(tmp_path):
     output_dir, results = run_tiny(tmp_path)
     with open(os.path.join(output_dir, "results.json")) as file:
         written = json.load(file)
-    assert written["num_heldout_prompts"] == 4 and written["num_train_prompts"] == 44
+    assert written["num_heldout_prompts"] == 4 and written["num_train_prompts"] == 8
     assert set(written["stage_seconds"]) == {
         "SFT of the tiny model from scratch",
-        "Reference stage: 2 samples for each of 44 training prompts",
+        "Reference stage: 2 samples for each of 8 training prompts",
         "Held-out samples of the reference model (4 prompts)",
         "QRPO training (LoRA)",
         "Held-out samples of the qrpo policy",
@@ -81,6 +81,7 @@ def test_quick_defaults_and_overrides():
         (["--num_generations", "1"], "num_generations"),
         (["--num_eval_generations", "0"], "num_eval_generations"),
         (["--num_heldout_topics", "48"], "num_heldout_topics"),
+        (["--max_train_prompts", "0"], "max_train_prompts"),
         (["--transform", "cube"], "transform"),
     ],
 )

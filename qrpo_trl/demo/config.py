@@ -60,7 +60,7 @@ class DemoConfig:
 
     # Sampling
     num_generations: int = field(
-        default=8,
+        default=6,
         metadata={
             "help": "Completions sampled from the reference model per training prompt: the training completions, and "
             "each other's reference rewards for the quantile."
@@ -69,15 +69,15 @@ class DemoConfig:
     num_eval_generations: int = field(
         default=4, metadata={"help": "Completions sampled per held-out prompt, from the reference and the policy."}
     )
-    max_completion_length: int = field(default=40, metadata={"help": "Maximum tokens of a sampled completion."})
-    generation_batch_size: int = field(default=32, metadata={"help": "Completions generated per batch."})
+    max_completion_length: int = field(default=32, metadata={"help": "Maximum tokens of a sampled completion."})
+    generation_batch_size: int = field(default=48, metadata={"help": "Completions generated per batch."})
 
     # QRPO and LoRA
     beta: float = field(default=0.1, metadata={"help": "QRPO's KL coefficient."})
     transform: str = field(
         default="identity", metadata={"help": f"QRPO's transform of the quantile reward: {', '.join(TRANSFORMS)}."}
     )
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (cosine schedule)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (cosine schedule)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training completions."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Completions per optimisation step."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of the steps of linear warmup."})
@@ -88,7 +88,7 @@ class DemoConfig:
         metadata={"help": "Modules that get LoRA adapters."},
     )
     lora_top_layers: int | None = field(
-        default=None,
+        default=8,
         metadata={
             "help": "Put adapters on the top N layers only: the backward pass then stops there, which makes a step "
             "much cheaper on a CPU. None: every layer."
