@@ -61,7 +61,8 @@ def test_compare_mode_trains_every_method(tmp_path):
     output_dir, results = run_tiny(tmp_path, "--compare")
     with open(os.path.join(output_dir, "comparison.json")) as file:
         written = json.load(file)
-    assert list(written["methods"]) == ["QRPO (identity)", "QRPO (log)", "RPO", "DPO (best vs worst)", "KTO (vs median)"]
+    methods = ["QRPO (identity)", "QRPO (log)", "RPO", "DPO (best vs worst)", "KTO (vs median)"]
+    assert list(written["methods"]) == methods
     for figures in written["methods"].values():
         check_policy_figures(figures, 4, 2)
     with open(os.path.join(output_dir, "reward_vs_kl.png"), "rb") as file:

@@ -1,6 +1,7 @@
 """
 Comparison mode: the same scored completions of the reference model, the same LoRA, optimiser, steps, completions
-per step and KL coefficient `beta`, for QRPO (identity and log transforms), RPO, TRL's DPOTrainer and TRL's KTOTrainer; evaluated like the demo.
+per step and KL coefficient `beta`, for QRPO (identity and log transforms), RPO, TRL's DPOTrainer and TRL's
+KTOTrainer; evaluated like the demo.
 
 - QRPO: every completion, its quantile among the other completions of its prompt.
 - RPO: every completion and its reward; `V(x)` by the Monte Carlo estimate, as the completions are samples of the
@@ -43,7 +44,8 @@ def best_vs_worst_pairs(train_data: Dataset) -> Dataset:
         best, worst = indices[int(np.argmax(rewards[indices]))], indices[int(np.argmin(rewards[indices]))]
         if rewards[best] > rewards[worst]:
             row = train_data[best]
-            rows.append({"prompt": row["prompt"], "chosen": row["completion"], "rejected": train_data[worst]["completion"]})
+            rejected = train_data[worst]["completion"]
+            rows.append({"prompt": row["prompt"], "chosen": row["completion"], "rejected": rejected})
     return Dataset.from_list(rows)
 
 
@@ -56,7 +58,8 @@ def above_below_median(train_data: Dataset) -> Dataset:
         for index in indices:
             if rewards[index] != median:
                 row = train_data[index]
-                rows.append({"prompt": row["prompt"], "completion": row["completion"], "label": bool(rewards[index] > median)})
+                desirable = bool(rewards[index] > median)
+                rows.append({"prompt": row["prompt"], "completion": row["completion"], "label": desirable})
     return Dataset.from_list(rows)
 
 
@@ -87,7 +90,8 @@ def run_comparison(config: DemoConfig) -> dict:
         return trainer
 
     def train_qrpo_with(name, **overrides):
-        return train_qrpo(load_model(path)[0], tokenizer, train_data, config, output_dir(name), max_steps=max_steps, **overrides)
+        model, _ = load_model(path)
+        return train_qrpo(model, tokenizer, train_data, config, output_dir(name), max_steps=max_steps, **overrides)
 
     methods = {
         "QRPO (identity)": lambda: train_qrpo_with("qrpo_identity"),
@@ -99,7 +103,9 @@ def run_comparison(config: DemoConfig) -> dict:
         ),
         "DPO (best vs worst)": lambda: train_trl(
             DPOTrainer,
-            DPOConfig(**{**arguments("dpo"), "per_device_train_batch_size": max(1, batch_size // 2)}, beta=config.beta),
+            DPOConfig(
+                **{**arguments("dpo"), "per_device_train_batch_size": max(1, batch_size // 2)}, beta=config.beta
+            ),
             best_vs_worst_pairs(train_data),
         ),
         "KTO (vs median)": lambda: train_trl(

@@ -10,9 +10,9 @@ from .task import TOPICS
 @dataclass
 class DemoConfig:
     r"""
-    Settings of `python -m qrpo_trl.demo`. The defaults are the main demo (SmolLM2-135M-Instruct, about 10 minutes on 2
-    CPU cores); `--quick` starts from [`QUICK_DEFAULTS`] instead (a tiny model taught the task by SFT, about 2 minutes).
-    Flags and `--config` YAML files override either.
+    Settings of `python -m qrpo_trl.demo`. The defaults are the main demo (SmolLM2-135M-Instruct, about 10 minutes on
+    2 CPU cores); `--quick` starts from [`QUICK_DEFAULTS`] instead (a tiny model taught the task by SFT, about 2
+    minutes). Flags and `--config` YAML files override either.
     """
 
     model_name_or_path: str | None = field(

