@@ -15,6 +15,7 @@ KTOTrainer; evaluated like the demo.
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -142,4 +143,4 @@ def run_comparison(config: DemoConfig) -> dict:
 
 
 def _slug(name: str) -> str:
-    return "".join(character if character.isalnum() else "_" for character in name.lower()).strip("_")
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
