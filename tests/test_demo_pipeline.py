@@ -56,7 +56,6 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert os.path.exists(os.path.join(output_dir, "qrpo", "adapter_config.json"))
 
 
-@pytest.mark.slow
 def test_compare_mode_trains_every_method(tmp_path):
     output_dir, results = run_tiny(tmp_path, "--compare")
     with open(os.path.join(output_dir, "comparison.json")) as file:
