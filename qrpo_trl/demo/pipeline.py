@@ -1,0 +1,198 @@
+"""
+The demo, end to end through the package's public API: sample completions from the reference model and score them
+(`precompute_rewards`), align with `QRPOTrainer` and LoRA, and evaluate on held-out prompts.
+"""
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .. import QRPOConfig, QRPOTrainer, ReferenceConfig, precompute_rewards
+from . import evaluation, plots
+from .config import DemoConfig
+from .models import default_cache_dir, smollm2_checkpoint, train_tiny_model
+from .task import build_task, constraint_reward
+
+
+class StageTimer:
+    """Wall time of each stage, printed as it ends."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        print(f"\n=== {stage}", flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[stage] = time.perf_counter() - start
+        print(f"=== {stage}: {self.seconds[stage]:.0f} s", flush=True)
+
+
+def base_checkpoint(config: DemoConfig, train_prompts: Dataset, timer: StageTimer) -> str:
+    """Path of the model to align: the given one, SmolLM2 (converted once), or (quick) the tiny model after its SFT."""
+    if config.quick:
+        with timer("SFT of the tiny model from scratch"):
+            return train_tiny_model(train_prompts, os.path.join(config.output_dir, "tiny-sft"), config)
+    if config.model_name_or_path is not None:
+        return config.model_name_or_path
+    with timer("SmolLM2-135M-Instruct checkpoint"):
+        return smollm2_checkpoint(config.cache_dir)
+
+
+def load_model(path: str):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def sample_and_score(model, tokenizer, prompts: Dataset, num_generations: int, config: DemoConfig) -> Dataset:
+    """`num_generations` completions per prompt sampled from `model` (T=1), with their rewards (cached)."""
+    args = ReferenceConfig(
+        num_generations=num_generations,
+        max_completion_length=config.max_completion_length,
+        generation_batch_size=config.generation_batch_size,
+        seed=config.seed,
+        reference_cache_dir=os.path.join(config.cache_dir or default_cache_dir(), "reference"),
+    )
+    return precompute_rewards(
+        prompts, model, constraint_reward, args, processing_class=tokenizer, add_ref_rewards=num_generations > 1
+    )
+
+
+def lora_config(config: DemoConfig, num_layers: int) -> LoraConfig:
+    top_layers = None
+    if config.lora_top_layers is not None:
+        top_layers = list(range(max(0, num_layers - config.lora_top_layers), num_layers))
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=config.lora_target_modules,
+        layers_to_transform=top_layers,
+        task_type="CAUSAL_LM",
+    )
+
+
+def training_arguments(config: DemoConfig, output_dir: str) -> dict:
+    """The `TrainingArguments` every method of the demo shares: same budget, CPU, logging at every step."""
+    return dict(
+        output_dir=output_dir,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_ratio,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=config.seed,
+        gradient_checkpointing=False,
+    )
+
+
+def train_qrpo(model, tokenizer, train_data: Dataset, config: DemoConfig, output_dir: str, **overrides):
+    """QRPO with LoRA on the reference model's own scored samples, each the others' references."""
+    settings = dict(
+        beta=config.beta,
+        transform=config.transform,
+        # Each completion is among its prompt's sampled references: its quantile is taken among the others
+        exclude_self_from_ref=True,
+        # Rewards are fractions of rules met, so ties are common: mid-rank keeps the quantile unbiased
+        ties="mid",
+    )
+    args = QRPOConfig(**{**training_arguments(config, output_dir), **settings, **overrides})
+    trainer = QRPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        processing_class=tokenizer,
+        peft_config=lora_config(config, model.config.num_hidden_layers),
+    )
+    trainer.train()
+    return trainer
+
+
+def evaluate_policy(
+    policy, tokenizer, heldout: Dataset, reference: dict, config: DemoConfig, timer: StageTimer, name: str
+) -> dict:
+    """The policy's held-out samples, scored, against the reference's; the samples are written to `output_dir`."""
+    with timer(f"Held-out samples of the {name} policy"):
+        samples = sample_and_score(policy, tokenizer, heldout, config.num_eval_generations, config)
+        kl = evaluation.log_ratios(policy, tokenizer, samples, config.max_completion_length)
+    samples.to_json(os.path.join(config.output_dir, f"heldout_samples_{name}.jsonl"))
+    return evaluation.compare_to_reference(reference, evaluation.summarize(samples, len(heldout)), kl)
+
+
+@dataclass
+class Setup:
+    """What every run of the demo starts from: the model to align, its scored samples, the held-out reference."""
+
+    path: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    train_data: Dataset
+    heldout: Dataset
+    reference: dict
+
+
+def prepare(config: DemoConfig, timer: StageTimer) -> Setup:
+    """The task, the model, and the reference stage: training samples and held-out samples of the reference model."""
+    os.makedirs(config.output_dir, exist_ok=True)
+    train_rows, heldout_rows = build_task(config.num_heldout_topics, config.rules_per_topic)
+    train_prompts, heldout = Dataset.from_list(train_rows[: config.max_train_prompts]), Dataset.from_list(heldout_rows)
+    path = base_checkpoint(config, train_prompts, timer)
+    model, tokenizer = load_model(path)
+    with timer(f"Reference stage: {config.num_generations} samples for each of {len(train_prompts)} training prompts"):
+        train_data = sample_and_score(model, tokenizer, train_prompts, config.num_generations, config)
+    with timer(f"Held-out samples of the reference model ({len(heldout)} prompts)"):
+        reference_samples = sample_and_score(model, tokenizer, heldout, config.num_eval_generations, config)
+    reference_samples.to_json(os.path.join(config.output_dir, "heldout_samples_reference.jsonl"))
+    reference = evaluation.summarize(reference_samples, len(heldout))
+    return Setup(path, model, tokenizer, train_data, heldout, reference)
+
+
+def run(config: DemoConfig) -> dict:
+    """The demo: writes `results.json`, the plots and the held-out samples to `config.output_dir`; returns them."""
+    start = time.perf_counter()
+    timer = StageTimer()
+    setup = prepare(config, timer)
+    with timer("QRPO training (LoRA)"):
+        trainer = train_qrpo(
+            setup.model, setup.tokenizer, setup.train_data, config, os.path.join(config.output_dir, "qrpo")
+        )
+    trainer.save_model()
+    policy = evaluate_policy(trainer.model, setup.tokenizer, setup.heldout, setup.reference, config, timer, "qrpo")
+
+    results = {
+        "model": setup.path,
+        "config": vars(config),
+        "num_train_prompts": len(setup.train_data) // config.num_generations,
+        "num_heldout_prompts": len(setup.heldout),
+        "train_reward_mean": float(np.mean(setup.train_data["reward"])),
+        "reference": setup.reference,
+        "qrpo": policy,
+        "training_log": trainer.state.log_history,
+        "stage_seconds": timer.seconds,
+        "total_seconds": time.perf_counter() - start,
+    }
+    with open(os.path.join(config.output_dir, "results.json"), "w") as file:
+        json.dump(results, file, indent=2)
+    plots.reward_distributions(setup.reference, {"QRPO": policy}, os.path.join(config.output_dir, "rewards.png"))
+    plots.training_curves(trainer.state.log_history, os.path.join(config.output_dir, "training.png"))
+    print("\n" + evaluation.format_table(setup.reference, {"QRPO": policy}))
+    print(f"\nTotal: {results['total_seconds']:.0f} s. Results, plots and samples in {config.output_dir}/")
+    return results
