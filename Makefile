@@ -37,11 +37,11 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 
 install-demo: $(VENV)/.demo-installed
 
-# The main demo: SmolLM2-135M-Instruct aligned with QRPO on the built-in task, about 10 minutes on 2 CPU cores
+# The main demo: SmolLM2-135M-Instruct aligned with QRPO on the built-in task, about 13 minutes on 2 quiet CPU cores
 demo: install-demo
 	$(BIN)/python -m qrpo_trl.demo
 
-# A tiny model taught the task by SFT, then aligned with QRPO: about 2 minutes
+# A tiny model taught the task by SFT, then aligned with QRPO: about a minute
 demo-quick: install-demo
 	$(BIN)/python -m qrpo_trl.demo --quick
 

@@ -95,7 +95,7 @@ def run_comparison(config: DemoConfig) -> dict:
         return train_qrpo(model, tokenizer, train_data, config, output_dir(name), max_steps=max_steps, **overrides)
 
     methods = {
-        "QRPO (identity)": lambda: train_qrpo_with("qrpo_identity"),
+        "QRPO (identity)": lambda: train_qrpo_with("qrpo_identity", transform="identity"),
         "QRPO (log)": lambda: train_qrpo_with("qrpo_log", transform="log"),
         "RPO": lambda: train_trl(
             RPOTrainer,
