@@ -22,18 +22,16 @@ import numpy as np
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-from .. import RPOConfig, RPOTrainer
+from .. import RPOConfig, RPOTrainer, data_utils
 from . import evaluation, plots
 from .config import DemoConfig
 from .pipeline import StageTimer, evaluate_policy, load_model, lora_config, prepare, train_qrpo, training_arguments
 
 
 def prompt_groups(train_data: Dataset) -> list[list[int]]:
-    """Row indices of each prompt's completions (the reference stage writes them one prompt after the other)."""
-    groups = {}
-    for index, prompt in enumerate(train_data["prompt"]):
-        groups.setdefault(json.dumps(prompt), []).append(index)
-    return list(groups.values())
+    """Row indices of each prompt's completions, grouped as the trainers group them (RPO's `V(x)`)."""
+    labels = data_utils.prompt_groups(train_data)
+    return [np.flatnonzero(labels == label).tolist() for label in range(labels.max() + 1)]
 
 
 def best_vs_worst_pairs(train_data: Dataset) -> Dataset:
