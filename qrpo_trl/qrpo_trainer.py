@@ -9,6 +9,7 @@ from .targets import (
     MIN_REFERENCES,
     TRANSFORMS_NEEDING_N,
     beta_log_partition,
+    own_reward_index,
     pad_ragged,
     quantile_rewards,
     reference_stds,
@@ -93,7 +94,7 @@ class QRPOTrainer(PointwiseTrainer):
             for column in reward_columns(dataset.column_names):
                 rewards = float_column(dataset, column, dataset_name)
                 for row, (reward, refs) in enumerate(zip(rewards, ref_rewards, strict=True)):
-                    if not np.isclose(refs, reward, rtol=1e-6, atol=1e-9).any():
+                    if own_reward_index(refs, reward) is None:
                         raise ValueError(
                             f"Column '{column}' of the {dataset_name} dataset, row {row}: exclude_self_from_ref=True "
                             f"but the reward {reward} is not among the row's ref_rewards."
@@ -122,11 +123,6 @@ class QRPOTrainer(PointwiseTrainer):
                 f"which the {dataset_name} dataset's `quantile_reward` column does not carry: set `num_ref_rewards` to "
                 "the number of references the quantiles were computed against."
             )
-        if args.num_ref_rewards is not None and args.num_ref_rewards < MIN_REFERENCES.get(args.transform, 1):
-            raise ValueError(
-                f"transform={args.transform!r} needs at least {MIN_REFERENCES[args.transform]} references, but "
-                f"num_ref_rewards={args.num_ref_rewards}."
-            )
 
     def _references(self, dataset, dataset_name) -> list[np.ndarray]:
         """Each row's reference rewards as used: own reward removed (if asked), then the first `num_ref_rewards`."""
@@ -134,8 +130,7 @@ class QRPOTrainer(PointwiseTrainer):
         if self.args.exclude_self_from_ref:
             rewards = float_column(dataset, "reward", dataset_name)
             ref_rewards = [
-                np.delete(refs, np.flatnonzero(np.isclose(refs, reward, rtol=1e-6, atol=1e-9))[0])
-                for refs, reward in zip(ref_rewards, rewards, strict=True)
+                np.delete(refs, own_reward_index(refs, reward)) for refs, reward in zip(ref_rewards, rewards, strict=True)
             ]
         return [refs[: self.args.num_ref_rewards] for refs in ref_rewards]
 
