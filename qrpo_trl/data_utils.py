@@ -151,6 +151,13 @@ def prompt_groups(dataset: Dataset) -> np.ndarray:
     return np.array([labels.setdefault(key, len(labels)) for key in keys], dtype=np.int64)
 
 
+def completion_groups(dataset: Dataset, groups: np.ndarray) -> np.ndarray:
+    """An integer label per row of a tokenised dataset, equal for rows with the same prompt group and completion tokens."""
+    labels = {}
+    keys = zip(groups.tolist(), map(tuple, dataset.with_format("arrow")["completion_ids"].to_pylist()), strict=True)
+    return np.array([labels.setdefault(key, len(labels)) for key in keys], dtype=np.int64)
+
+
 def to_pointwise(dataset: Dataset, dataset_name: str, map_kwargs: dict) -> Dataset:
     """
     Pointwise rows (`prompt`, `completion`, `reward` and the other columns) from a pointwise or paired dataset.
