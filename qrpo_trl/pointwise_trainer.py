@@ -557,11 +557,15 @@ class PointwiseTrainer(DPOTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Log-probabilities and loss
 
-    def _sequence_logps(self, model, inputs) -> torch.Tensor:
+    def _sequence_logps(self, model, inputs, output_router_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Sum (or per-token mean) of the completion-token log-probs: through TRL's fused LM head (no full logits) for a
         decoder-only model; for an encoder-decoder model, from the logits of a plain forward with the decoder target
         as `labels`, from which the model builds its decoder inputs, so that position t scores label t (no shift).
+
+        Returns them with the MoE load-balancing loss of the forward when `output_router_logits` (the policy of an MoE
+        model whose auxiliary loss is trained, as DPOTrainer's `aux_loss_enabled`), else None. Other forwards of an MoE
+        model (the reference) are told not to compute router logits, whatever its config says.
         """
         if self.is_encoder_decoder:
             labels = inputs["labels"]
@@ -573,12 +577,14 @@ class PointwiseTrainer(DPOTrainer):
         else:
             completion_mask = inputs["completion_mask"]
             labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            router_kwargs = {"output_router_logits": output_router_logits} if self._is_moe_model else {}
             outputs = model(
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],
                 labels=labels,
                 fused_lm_head=True,
                 use_cache=False,
+                **router_kwargs,
             )
             token_mask = completion_mask[:, 1:]
             # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
@@ -586,7 +592,12 @@ class PointwiseTrainer(DPOTrainer):
         logps = token_logps.sum(dim=1)
         if self.args.logps_normalization == "mean":
             logps = logps / token_mask.sum(dim=1).clamp(min=1)
-        return logps
+        return logps, outputs.aux_loss if output_router_logits else None
+
+    @cached_property
+    def _is_moe_model(self) -> bool:
+        """Whether the model is a Mixture-of-Experts that can return router logits (DPOTrainer's test)."""
+        return hasattr(self.model.config.get_text_config(), "output_router_logits")
 
     def compute_ref_log_probs(self, model, inputs) -> torch.Tensor:
         """Reference log-probabilities of a padded batch: `model` without gradients, PEFT adapters disabled if no ref_model."""
@@ -596,11 +607,11 @@ class PointwiseTrainer(DPOTrainer):
             self._reference_adapter_context(),
             self.accelerator.autocast(),
         ):
-            return self._sequence_logps(model, inputs)
+            return self._sequence_logps(model, inputs)[0]
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        logps = self._sequence_logps(model, inputs)
+        logps, aux_loss = self._sequence_logps(model, inputs, output_router_logits=self.aux_loss_enabled)
         if self.args.precompute_ref_log_probs:
             ref_logps = inputs["ref_logps"]
         else:
@@ -608,6 +619,8 @@ class PointwiseTrainer(DPOTrainer):
         log_ratios = logps - ref_logps
         residuals = inputs["target"] - self.beta * log_ratios
         loss = self._loss_scale() * residuals.pow(2).mean()
+        if aux_loss is not None:  # an MoE policy: DPOTrainer's weighted load-balancing loss
+            loss = loss + self.router_aux_loss_coef * aux_loss
 
         # One all-gather (and one device sync) for every logged per-sample statistic and the token count
         statistics = {
@@ -618,6 +631,8 @@ class PointwiseTrainer(DPOTrainer):
             "logps/ref": ref_logps,
             **{column: inputs[column] for column in self._metric_columns},
         }
+        if aux_loss is not None:  # one value per process, gathered with the per-sample statistics
+            statistics["aux_loss"] = aux_loss.expand_as(logps)
         num_tokens = inputs["attention_mask"].sum(dim=1)
         if self.is_encoder_decoder:  # the decoder's tokens too
             num_tokens = num_tokens + (inputs["labels"] != -100).sum(dim=1)
