@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from transformers import AutoConfig
@@ -35,7 +35,7 @@ from trl.trainer.utils import (
     use_adapter,
 )
 
-from .data_utils import check_columns, check_rewards, check_stage_columns, has_rewards, to_pointwise
+from .data_utils import check_columns, check_rewards, check_stage_columns, has_rewards, pointwise_batch, to_pointwise
 from .pointwise_config import PointwiseConfig
 from .reference_stage import ReferenceStage, RewardFunctions
 from .tokenization import template_kwargs, tokenize_pairs
@@ -321,11 +321,17 @@ class PointwiseTrainer(DPOTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Data
 
+    def _check_streamable(self, args, dataset_name: str) -> None:
+        """Raise a ValueError saying why, if the method's targets cannot be made from each row of a streamed dataset
+        alone (e.g. they need statistics of the whole dataset)."""
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if isinstance(dataset, IterableDataset):
+            return self._prepare_streamed_dataset(dataset, processing_class, args, dataset_name)
         if not isinstance(dataset, Dataset):
             raise TypeError(
-                f"{type(self).__name__} needs a map-style `datasets.Dataset` for the {dataset_name} dataset (the "
-                f"reference map stage reads it whole), got {type(dataset).__name__}."
+                f"{type(self).__name__} needs a `datasets.Dataset` or `datasets.IterableDataset` for the "
+                f"{dataset_name} dataset, got {type(dataset).__name__}."
             )
         if "completion_ids" in dataset.column_names:  # already prepared, e.g. handed back to `evaluate()`
             return dataset
@@ -335,13 +341,56 @@ class PointwiseTrainer(DPOTrainer):
             # (`_precompute_ref_logps`), which then prepares the completed dataset here. Check what can be checked now.
             check_stage_columns(dataset, dataset_name)
             return dataset
-        check_columns(dataset, dataset_name, self._reference_columns)
-        check_rewards(dataset, dataset_name)
-        self._check_dataset(dataset, args, dataset_name)
+        self._check_raw_dataset(dataset, args, dataset_name)
         map_kwargs = {"num_proc": args.dataset_num_proc}
         with global_then_local_main_first():
             dataset = to_pointwise(dataset, dataset_name, map_kwargs)
             return self._tokenize(dataset, processing_class, args, dataset_name, map_kwargs)
+
+    def _check_raw_dataset(self, dataset: Dataset, args, dataset_name: str) -> None:
+        check_columns(dataset, dataset_name, self._reference_columns)
+        check_rewards(dataset, dataset_name)
+        self._check_dataset(dataset, args, dataset_name)
+
+    def _prepare_streamed_dataset(self, dataset: IterableDataset, processing_class, args, dataset_name: str):
+        """
+        A streamed dataset is prepared batch by batch as it is read, by the functions of the map-style path: each batch
+        is checked, made pointwise, tokenised and given its targets, from its own rows alone. The reference
+        log-probabilities are computed per training batch (`precompute_ref_log_probs=False`): from `ref_model`, or the
+        policy with its adapters disabled.
+        """
+        if args.precompute_ref_log_probs:
+            raise ValueError(
+                "`precompute_ref_log_probs=True` is not supported with IterableDataset: the reference log-probabilities "
+                f"of the whole {dataset_name} dataset are computed before training. Use a map-style Dataset or set "
+                "`precompute_ref_log_probs=False`."
+            )
+        first_row = Dataset.from_list([next(iter(dataset))])
+        if "completion_ids" in first_row.column_names:  # already prepared, e.g. handed back to `evaluate()`
+            return dataset
+        if self._needs_reference_stage(first_row):
+            raise ValueError(
+                f"The streamed {dataset_name} dataset lacks rewards (or QRPO's reference rewards), and the reference "
+                "stage (`reward_funcs`) cannot stream: it samples and scores the whole dataset into cache files before "
+                "training. Complete it first with `precompute_rewards`, or pass a map-style Dataset."
+            )
+        self._check_streamable(args, dataset_name)
+        self._check_raw_dataset(first_row, args, dataset_name)  # a wrong format or setting fails now, not mid-training
+        tokenize = self._batch_tokenizer(processing_class, args)
+
+        def prepare(batch, indices):
+            try:
+                self._check_raw_dataset(Dataset.from_dict(batch), args, dataset_name)
+            except ValueError as error:
+                raise ValueError(
+                    f"In rows {indices[0]} to {indices[-1]} of the streamed {dataset_name} dataset (row numbers below "
+                    f"count from {indices[0]}): {error}"
+                ) from None
+            rows = tokenize(pointwise_batch(batch))
+            targets = self._regression_targets(Dataset.from_dict(rows), None, {})
+            return {**rows, **{column: values.tolist() for column, values in targets.items()}}
+
+        return dataset.map(prepare, batched=True, with_indices=True, remove_columns=first_row.column_names)
 
     def _tokenize(self, dataset: Dataset, processing_class, args, dataset_name: str, map_kwargs: dict) -> Dataset:
         """
@@ -350,6 +399,30 @@ class PointwiseTrainer(DPOTrainer):
         whose prompt alone fills `max_length` (truncation would leave no completion token); unlike it, say how many were
         dropped or truncated.
         """
+        tokenized = dataset.map(
+            self._batch_tokenizer(processing_class, args),
+            batched=True,
+            remove_columns=dataset.column_names,
+            desc=f"Tokenizing {dataset_name} dataset",
+            **map_kwargs,
+        )
+        if len(tokenized) < len(dataset):
+            logger.warning(
+                f"Dropped {len(dataset) - len(tokenized)} of {len(dataset)} samples of the {dataset_name} dataset whose "
+                f"prompt alone has max_length={args.max_length} tokens or more: truncation would leave no completion "
+                "token."
+            )
+        if args.max_length is not None:
+            truncated = int(np.sum(sequence_lengths(tokenized) > args.max_length))
+            if truncated:
+                logger.warning(
+                    f"{truncated} of {len(tokenized)} samples of the {dataset_name} dataset exceed max_length="
+                    f"{args.max_length} tokens and are truncated ({args.truncation_mode})."
+                )
+        return tokenized
+
+    def _batch_tokenizer(self, processing_class, args):
+        """The function that adds `prompt_ids` and `completion_ids` to a batch of pointwise rows (see `_tokenize`)."""
         # The map function must not capture `self` (nor the whole config): `datasets` fingerprints it, and a closure
         # over the trainer would hash differently on every run, so no cache (tokens, reference log-probs) is reused
         is_encoder_decoder = self.is_encoder_decoder
@@ -370,27 +443,7 @@ class PointwiseTrainer(DPOTrainer):
             rows["completion_ids"] = [pairs[i][1] for i in kept]
             return rows
 
-        tokenized = dataset.map(
-            tokenize,
-            batched=True,
-            remove_columns=dataset.column_names,
-            desc=f"Tokenizing {dataset_name} dataset",
-            **map_kwargs,
-        )
-        if len(tokenized) < len(dataset):
-            logger.warning(
-                f"Dropped {len(dataset) - len(tokenized)} of {len(dataset)} samples of the {dataset_name} dataset whose "
-                f"prompt alone has max_length={args.max_length} tokens or more: truncation would leave no completion "
-                "token."
-            )
-        if args.max_length is not None:
-            truncated = int(np.sum(sequence_lengths(tokenized) > args.max_length))
-            if truncated:
-                logger.warning(
-                    f"{truncated} of {len(tokenized)} samples of the {dataset_name} dataset exceed max_length="
-                    f"{args.max_length} tokens and are truncated ({args.truncation_mode})."
-                )
-        return tokenized
+        return tokenize
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -423,8 +476,8 @@ class PointwiseTrainer(DPOTrainer):
         reference log-probabilities `ref_logps`, as columns of `dataset`.
         """
         self._restrict_fused_lm_head()
-        if "target" in dataset.column_names:
-            return dataset
+        if isinstance(dataset, IterableDataset) or "target" in dataset.column_names:
+            return dataset  # a streamed dataset gets its targets batch by batch (`_prepare_streamed_dataset`)
         if "completion_ids" not in dataset.column_names:  # left raw by `_prepare_dataset` for the reference stage
             dataset = self._prepare_dataset(
                 self._run_reference_stage(dataset, name), self.processing_class, self.args, name

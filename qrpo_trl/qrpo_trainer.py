@@ -71,6 +71,14 @@ class QRPOTrainer(PointwiseTrainer):
             }"""),
     }
 
+    def _check_streamable(self, args, dataset_name):
+        if args.transform == "scaled_normal_icdf":
+            raise ValueError(
+                f"transform='scaled_normal_icdf' cannot stream the {dataset_name} dataset: its scale sigma_x is divided "
+                "by the mean over every training prompt of the reference-reward standard deviation, which needs the "
+                "whole train dataset before the first target. Use a map-style Dataset or another transform."
+            )
+
     def _check_dataset(self, dataset, args, dataset_name):
         if "ref_rewards" not in dataset.column_names:
             self._check_quantile_column(dataset, args, dataset_name)

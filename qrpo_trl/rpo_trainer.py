@@ -55,6 +55,13 @@ class RPOTrainer(PointwiseTrainer):
         # 0.5 * (log-ratio - (r - V) / beta)^2 == 0.5 / beta^2 * ((r - V) - beta * log-ratio)^2
         return 0.5 / self.beta**2
 
+    def _check_streamable(self, args, dataset_name):
+        raise ValueError(
+            f"RPOTrainer cannot stream the {dataset_name} dataset (IterableDataset): each target r - V(x) needs the "
+            "value V(x), a sum over every completion of the prompt x in the dataset, before the first training step. "
+            "Use a map-style Dataset."
+        )
+
     def _check_dataset(self, dataset, args, dataset_name):
         if args.normalize_rewards and dataset_name == "train":
             rewards = np.concatenate([float_column(dataset, column, dataset_name) for column in reward_columns(dataset.column_names)])
