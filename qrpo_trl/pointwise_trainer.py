@@ -199,8 +199,8 @@ class PointwiseTrainer(DPOTrainer):
         ref_model=None,
         args: PointwiseConfig | None = None,
         data_collator=None,
-        train_dataset: Dataset | None = None,
-        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
         processing_class=None,
         compute_metrics=None,
         callbacks=None,
@@ -217,8 +217,9 @@ class PointwiseTrainer(DPOTrainer):
             raise TypeError(
                 f"{type(self).__name__} needs a {self._config_class.__name__} as `args`, got {type(args).__name__}."
             )
-        if isinstance(train_dataset, Dataset) and {"image", "images"} & set(train_dataset.column_names):
-            raise NotImplementedError(f"{type(self).__name__} does not support vision-language datasets.")
+        # A ValueError, as DPOTrainer's for a vision dataset and a text-only model
+        if isinstance(train_dataset, (Dataset, IterableDataset)) and {"image", "images"} & set(next(iter(train_dataset))):
+            raise ValueError(f"{type(self).__name__} does not support vision-language datasets ('image' or 'images').")
         self._train_statistics = None
         self._fused_lm_head_restricted = False
         # Loaded before anything else, so that a reward model that cannot be loaded fails first

@@ -118,6 +118,11 @@ def test_bad_rpo_config(tmp_path):
         make_args(RPOConfig, tmp_path, beta=0)
 
 
+def test_vision_dataset_is_a_value_error(tiny_llama_path, tmp_path):
+    rows = {**pointwise_rows(num_prompts=1, completions_per_prompt=1), "images": [[]]}
+    expect_error(QRPOTrainer, QRPOConfig, tiny_llama_path, tmp_path, rows, "does not support vision-language datasets")
+
+
 def test_wrong_config_class(tiny_llama_path, tmp_path):
     args = DPOConfig(str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none")
     with pytest.raises(TypeError, match="QRPOTrainer needs a QRPOConfig as `args`, got DPOConfig"):
