@@ -38,6 +38,10 @@ class QRPOTrainer(PointwiseTrainer):
 
     If both `ref_rewards` and `quantile_reward` are present, the quantile is computed from `ref_rewards`.
 
+    A streamed `IterableDataset` (as train or eval dataset) is prepared batch by batch as it is read, with
+    `precompute_ref_log_probs=False`: the reference log-probabilities are computed at every step. It cannot be used with
+    `transform="scaled_normal_icdf"` (its scale is a mean over all training prompts) nor completed by `reward_funcs`.
+
     Given `reward_funcs`, the reference stage (see [`precompute_rewards`]) completes a dataset that lacks them: it
     samples `num_generations` completions per prompt from the reference model and scores them (`ref_rewards`), and
     scores the completions that have no `reward`. A prompt-only dataset is trained on completions sampled from the reference

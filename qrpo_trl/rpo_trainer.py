@@ -25,7 +25,8 @@ class RPOTrainer(PointwiseTrainer):
 
     Dataset formats (standard text or conversational): pointwise `prompt`, `completion`, `reward`, with several
     completions per prompt; or paired with scores (`prompt`, `chosen`, `rejected`, `chosen_reward`/`rejected_reward` or
-    `score_chosen`/`score_rejected`), each pair becoming two pointwise samples.
+    `score_chosen`/`score_rejected`), each pair becoming two pointwise samples. Not a streamed `IterableDataset`: V(x)
+    needs every completion of the prompt before training.
 
     Given `reward_funcs`, the reference stage (see [`precompute_rewards`]) scores the completions that have no reward,
     and turns a prompt-only dataset into `num_generations` completions per prompt sampled from the reference model.

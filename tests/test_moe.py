@@ -97,12 +97,17 @@ def test_no_aux_loss_when_disabled(tiny_moe_path, tmp_path):
 
 
 def test_train_moe_lora_reference_adds_no_aux_loss(tiny_moe_path, tmp_path):
-    # With LoRA the reference is the policy with adapters disabled: the same forward, which must not add the term
+    # With LoRA the reference is the policy with adapters disabled: the same forward, which must not add the term.
+    # GPT-OSS adapts its fused expert weights, as DPOTrainer's MoE LoRA test does.
     dataset = Dataset.from_dict(pointwise_rows())
+    if "gpt_oss" in tiny_moe_path:
+        targets = dict(target_modules=[], target_parameters=["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])
+    else:
+        targets = dict(target_modules=["q_proj", "v_proj"])
     losses = []
     for precompute in (True, False):
         args = make_args(QRPOConfig, tmp_path / str(precompute), max_steps=2, precompute_ref_log_probs=precompute)
-        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        lora = LoraConfig(r=4, lora_alpha=8, **targets)
         trainer = QRPOTrainer(model=tiny_moe_path, args=args, train_dataset=dataset, peft_config=lora)
         before = snapshot(trainer.model)
         trainer.train()
