@@ -152,7 +152,7 @@ def prompt_groups(dataset: Dataset) -> np.ndarray:
 
 
 def completion_groups(dataset: Dataset, groups: np.ndarray) -> np.ndarray:
-    """An integer label per row of a tokenised dataset, equal for rows with the same prompt group and completion tokens."""
+    """A label per row of a tokenised dataset, equal for rows with the same prompt group and completion tokens."""
     labels = {}
     keys = zip(groups.tolist(), map(tuple, dataset.with_format("arrow")["completion_ids"].to_pylist()), strict=True)
     return np.array([labels.setdefault(key, len(labels)) for key in keys], dtype=np.int64)
@@ -181,7 +181,8 @@ def pointwise_batch(batch: dict[str, list]) -> dict[str, list]:
     if "completion" in batch:
         return batch
     if "prompt" not in batch:  # conversational pairs: the prompt is the shared start of chosen and rejected
-        examples = [extract_prompt({"chosen": c, "rejected": r}) for c, r in zip(batch["chosen"], batch["rejected"], strict=True)]
+        pairs = zip(batch["chosen"], batch["rejected"], strict=True)
+        examples = [extract_prompt({"chosen": chosen, "rejected": rejected}) for chosen, rejected in pairs]
         batch = {**batch, **{key: [example[key] for example in examples] for key in ("prompt", "chosen", "rejected")}}
     chosen_reward, rejected_reward = paired_reward_columns(list(batch))
     paired = ("chosen", "rejected", chosen_reward, rejected_reward)

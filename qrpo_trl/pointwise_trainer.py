@@ -218,7 +218,8 @@ class PointwiseTrainer(DPOTrainer):
                 f"{type(self).__name__} needs a {self._config_class.__name__} as `args`, got {type(args).__name__}."
             )
         # A ValueError, as DPOTrainer's for a vision dataset and a text-only model
-        if isinstance(train_dataset, (Dataset, IterableDataset)) and {"image", "images"} & set(next(iter(train_dataset))):
+        is_dataset = isinstance(train_dataset, (Dataset, IterableDataset))
+        if is_dataset and {"image", "images"} & set(next(iter(train_dataset))):
             raise ValueError(f"{type(self).__name__} does not support vision-language datasets ('image' or 'images').")
         self._train_statistics = None
         self._fused_lm_head_restricted = False
@@ -308,6 +309,10 @@ class PointwiseTrainer(DPOTrainer):
         """Method-specific validation of the raw dataset (before any map), raising a ValueError naming column and row.
         Runs before `Trainer.__init__`, hence `args` rather than `self.args`."""
 
+    def _check_streamable(self, args, dataset_name: str) -> None:
+        """Raise a ValueError saying why, if the method's targets cannot be made from each row of a streamed dataset
+        alone (e.g. they need statistics of the whole dataset)."""
+
     def _target_statistics(self, dataset: Dataset, ref_logps: np.ndarray | None) -> dict:
         """Statistics of the training dataset that the targets of every dataset use (e.g. reward mean and std)."""
         return {}
@@ -321,10 +326,6 @@ class PointwiseTrainer(DPOTrainer):
 
     # ----------------------------------------------------------------------------------------------------------------
     # Data
-
-    def _check_streamable(self, args, dataset_name: str) -> None:
-        """Raise a ValueError saying why, if the method's targets cannot be made from each row of a streamed dataset
-        alone (e.g. they need statistics of the whole dataset)."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if isinstance(dataset, IterableDataset):
@@ -362,9 +363,9 @@ class PointwiseTrainer(DPOTrainer):
         """
         if args.precompute_ref_log_probs:
             raise ValueError(
-                "`precompute_ref_log_probs=True` is not supported with IterableDataset: the reference log-probabilities "
-                f"of the whole {dataset_name} dataset are computed before training. Use a map-style Dataset or set "
-                "`precompute_ref_log_probs=False`."
+                "`precompute_ref_log_probs=True` is not supported with IterableDataset: the reference "
+                f"log-probabilities of the whole {dataset_name} dataset are computed before training. Use a map-style "
+                "Dataset or set `precompute_ref_log_probs=False`."
             )
         first_row = Dataset.from_list([next(iter(dataset))])
         if "completion_ids" in first_row.column_names:  # already prepared, e.g. handed back to `evaluate()`
@@ -372,8 +373,8 @@ class PointwiseTrainer(DPOTrainer):
         if self._needs_reference_stage(first_row):
             raise ValueError(
                 f"The streamed {dataset_name} dataset lacks rewards (or QRPO's reference rewards), and the reference "
-                "stage (`reward_funcs`) cannot stream: it samples and scores the whole dataset into cache files before "
-                "training. Complete it first with `precompute_rewards`, or pass a map-style Dataset."
+                "stage (`reward_funcs`) cannot stream: it samples and scores the whole dataset into cache files "
+                "before training. Complete it first with `precompute_rewards`, or pass a map-style Dataset."
             )
         self._check_streamable(args, dataset_name)
         self._check_raw_dataset(first_row, args, dataset_name)  # a wrong format or setting fails now, not mid-training
@@ -611,7 +612,9 @@ class PointwiseTrainer(DPOTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Log-probabilities and loss
 
-    def _sequence_logps(self, model, inputs, output_router_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _sequence_logps(
+        self, model, inputs, output_router_logits: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Sum (or per-token mean) of the completion-token log-probs: through TRL's fused LM head (no full logits) for a
         decoder-only model; for an encoder-decoder model, from the logits of a plain forward with the decoder target
@@ -628,6 +631,7 @@ class PointwiseTrainer(DPOTrainer):
             ).logits
             token_mask = labels != -100
             token_logps = selective_log_softmax(logits, labels.masked_fill(~token_mask, 0)).masked_fill(~token_mask, 0)
+            aux_loss = None  # no encoder-decoder model declares `output_router_logits`, so none has aux_loss_enabled
         else:
             completion_mask = inputs["completion_mask"]
             labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
@@ -643,10 +647,11 @@ class PointwiseTrainer(DPOTrainer):
             token_mask = completion_mask[:, 1:]
             # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
             token_logps = outputs.log_probs[:, -token_mask.size(1) :]
+            aux_loss = outputs.aux_loss if output_router_logits else None
         logps = token_logps.sum(dim=1)
         if self.args.logps_normalization == "mean":
             logps = logps / token_mask.sum(dim=1).clamp(min=1)
-        return logps, outputs.aux_loss if output_router_logits else None
+        return logps, aux_loss
 
     @cached_property
     def _is_moe_model(self) -> bool:

@@ -84,8 +84,8 @@ class QRPOConfig(PointwiseConfig):
                 f"`partition='approx'` is the official README's log Z = log(beta) + 1/beta, which only holds for "
                 f"`transform='identity'`, not {self.transform!r}."
             )
-        if self.num_ref_rewards is not None and self.num_ref_rewards < MIN_REFERENCES.get(self.transform, 1):
-            minimum = MIN_REFERENCES.get(self.transform, 1)
+        minimum = MIN_REFERENCES.get(self.transform, 1)
+        if self.num_ref_rewards is not None and self.num_ref_rewards < minimum:
             reason = (
                 f": it clamps q to [1/n, (n-1)/n], which leaves a single value below 3 references and every target "
                 "the same constant"

@@ -39,8 +39,9 @@ class QRPOTrainer(PointwiseTrainer):
     If both `ref_rewards` and `quantile_reward` are present, the quantile is computed from `ref_rewards`.
 
     A streamed `IterableDataset` (as train or eval dataset) is prepared batch by batch as it is read, with
-    `precompute_ref_log_probs=False`: the reference log-probabilities are computed at every step. It cannot be used with
-    `transform="scaled_normal_icdf"` (its scale is a mean over all training prompts) nor completed by `reward_funcs`.
+    `precompute_ref_log_probs=False`: the reference log-probabilities are computed at every step. It cannot be used
+    with `transform="scaled_normal_icdf"` (its scale is a mean over all training prompts) nor completed by
+    `reward_funcs`.
 
     Given `reward_funcs`, the reference stage (see [`precompute_rewards`]) completes a dataset that lacks them: it
     samples `num_generations` completions per prompt from the reference model and scores them (`ref_rewards`), and
@@ -78,9 +79,9 @@ class QRPOTrainer(PointwiseTrainer):
     def _check_streamable(self, args, dataset_name):
         if args.transform == "scaled_normal_icdf":
             raise ValueError(
-                f"transform='scaled_normal_icdf' cannot stream the {dataset_name} dataset: its scale sigma_x is divided "
-                "by the mean over every training prompt of the reference-reward standard deviation, which needs the "
-                "whole train dataset before the first target. Use a map-style Dataset or another transform."
+                f"transform='scaled_normal_icdf' cannot stream the {dataset_name} dataset: its scale sigma_x is "
+                "divided by the mean over every training prompt of the reference-reward standard deviation, which "
+                "needs the whole train dataset before the first target. Use a map-style Dataset or another transform."
             )
 
     def _check_dataset(self, dataset, args, dataset_name):
@@ -142,7 +143,8 @@ class QRPOTrainer(PointwiseTrainer):
         if self.args.exclude_self_from_ref:
             rewards = float_column(dataset, "reward", dataset_name)
             ref_rewards = [
-                np.delete(refs, own_reward_index(refs, reward)) for refs, reward in zip(ref_rewards, rewards, strict=True)
+                np.delete(refs, own_reward_index(refs, reward))
+                for refs, reward in zip(ref_rewards, rewards, strict=True)
             ]
         return [refs[: self.args.num_ref_rewards] for refs in ref_rewards]
 

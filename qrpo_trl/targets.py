@@ -205,7 +205,9 @@ def label_means(labels, values) -> np.ndarray:
     return (np.bincount(labels, weights=np.asarray(values, dtype=np.float64)) / np.bincount(labels))[labels]
 
 
-def rpo_values(groups, rewards, ref_logps, tau: float, estimator: str = "ref_weighted", completions=None) -> np.ndarray:
+def rpo_values(
+    groups, rewards, ref_logps, tau: float, estimator: str = "ref_weighted", completions=None
+) -> np.ndarray:
     """
     Per-row value `V(x)` of RPO, over the rows that share the prompt's group label.
 
