@@ -151,6 +151,13 @@ def prompt_groups(dataset: Dataset) -> np.ndarray:
     return np.array([labels.setdefault(key, len(labels)) for key in keys], dtype=np.int64)
 
 
+def completion_groups(dataset: Dataset, groups: np.ndarray) -> np.ndarray:
+    """A label per row of a tokenised dataset, equal for rows with the same prompt group and completion tokens."""
+    labels = {}
+    keys = zip(groups.tolist(), map(tuple, dataset.with_format("arrow")["completion_ids"].to_pylist()), strict=True)
+    return np.array([labels.setdefault(key, len(labels)) for key in keys], dtype=np.int64)
+
+
 def to_pointwise(dataset: Dataset, dataset_name: str, map_kwargs: dict) -> Dataset:
     """
     Pointwise rows (`prompt`, `completion`, `reward` and the other columns) from a pointwise or paired dataset.
@@ -160,21 +167,26 @@ def to_pointwise(dataset: Dataset, dataset_name: str, map_kwargs: dict) -> Datas
     """
     if "completion" in dataset.column_names:
         return dataset
-    if "prompt" not in dataset.column_names:
-        dataset = dataset.map(extract_prompt, desc=f"Extracting prompt from {dataset_name} dataset", **map_kwargs)
-    chosen_reward, rejected_reward = paired_reward_columns(dataset.column_names)
-    paired = ("chosen", "rejected", chosen_reward, rejected_reward)
-
-    def unpair(batch):
-        rows = {key: [value for value in values for _ in range(2)] for key, values in batch.items() if key not in paired}
-        rows["completion"] = [c for pair in zip(batch["chosen"], batch["rejected"], strict=True) for c in pair]
-        rows["reward"] = [r for pair in zip(batch[chosen_reward], batch[rejected_reward], strict=True) for r in pair]
-        return rows
-
     return dataset.map(
-        unpair,
+        pointwise_batch,
         batched=True,
         remove_columns=dataset.column_names,
         desc=f"Unpairing {dataset_name} dataset into pointwise samples",
         **map_kwargs,
     )
+
+
+def pointwise_batch(batch: dict[str, list]) -> dict[str, list]:
+    """`to_pointwise` for one batch (a dict of columns); also used on the batches of a streamed dataset."""
+    if "completion" in batch:
+        return batch
+    if "prompt" not in batch:  # conversational pairs: the prompt is the shared start of chosen and rejected
+        pairs = zip(batch["chosen"], batch["rejected"], strict=True)
+        examples = [extract_prompt({"chosen": chosen, "rejected": rejected}) for chosen, rejected in pairs]
+        batch = {**batch, **{key: [example[key] for example in examples] for key in ("prompt", "chosen", "rejected")}}
+    chosen_reward, rejected_reward = paired_reward_columns(list(batch))
+    paired = ("chosen", "rejected", chosen_reward, rejected_reward)
+    rows = {key: [value for value in values for _ in range(2)] for key, values in batch.items() if key not in paired}
+    rows["completion"] = [c for pair in zip(batch["chosen"], batch["rejected"], strict=True) for c in pair]
+    rows["reward"] = [r for pair in zip(batch[chosen_reward], batch[rejected_reward], strict=True) for r in pair]
+    return rows

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from transformers import AutoConfig
@@ -35,7 +35,7 @@ from trl.trainer.utils import (
     use_adapter,
 )
 
-from .data_utils import check_columns, check_rewards, check_stage_columns, has_rewards, to_pointwise
+from .data_utils import check_columns, check_rewards, check_stage_columns, has_rewards, pointwise_batch, to_pointwise
 from .pointwise_config import PointwiseConfig
 from .reference_stage import ReferenceStage, RewardFunctions
 from .tokenization import template_kwargs, tokenize_pairs
@@ -199,8 +199,8 @@ class PointwiseTrainer(DPOTrainer):
         ref_model=None,
         args: PointwiseConfig | None = None,
         data_collator=None,
-        train_dataset: Dataset | None = None,
-        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
         processing_class=None,
         compute_metrics=None,
         callbacks=None,
@@ -217,8 +217,10 @@ class PointwiseTrainer(DPOTrainer):
             raise TypeError(
                 f"{type(self).__name__} needs a {self._config_class.__name__} as `args`, got {type(args).__name__}."
             )
-        if isinstance(train_dataset, Dataset) and {"image", "images"} & set(train_dataset.column_names):
-            raise NotImplementedError(f"{type(self).__name__} does not support vision-language datasets.")
+        # A ValueError, as DPOTrainer's for a vision dataset and a text-only model
+        is_dataset = isinstance(train_dataset, (Dataset, IterableDataset))
+        if is_dataset and {"image", "images"} & set(next(iter(train_dataset))):
+            raise ValueError(f"{type(self).__name__} does not support vision-language datasets ('image' or 'images').")
         self._train_statistics = None
         self._fused_lm_head_restricted = False
         # Loaded before anything else, so that a reward model that cannot be loaded fails first
@@ -307,6 +309,10 @@ class PointwiseTrainer(DPOTrainer):
         """Method-specific validation of the raw dataset (before any map), raising a ValueError naming column and row.
         Runs before `Trainer.__init__`, hence `args` rather than `self.args`."""
 
+    def _check_streamable(self, args, dataset_name: str) -> None:
+        """Raise a ValueError saying why, if the method's targets cannot be made from each row of a streamed dataset
+        alone (e.g. they need statistics of the whole dataset)."""
+
     def _target_statistics(self, dataset: Dataset, ref_logps: np.ndarray | None) -> dict:
         """Statistics of the training dataset that the targets of every dataset use (e.g. reward mean and std)."""
         return {}
@@ -322,10 +328,12 @@ class PointwiseTrainer(DPOTrainer):
     # Data
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if isinstance(dataset, IterableDataset):
+            return self._prepare_streamed_dataset(dataset, processing_class, args, dataset_name)
         if not isinstance(dataset, Dataset):
             raise TypeError(
-                f"{type(self).__name__} needs a map-style `datasets.Dataset` for the {dataset_name} dataset (the "
-                f"reference map stage reads it whole), got {type(dataset).__name__}."
+                f"{type(self).__name__} needs a `datasets.Dataset` or `datasets.IterableDataset` for the "
+                f"{dataset_name} dataset, got {type(dataset).__name__}."
             )
         if "completion_ids" in dataset.column_names:  # already prepared, e.g. handed back to `evaluate()`
             return dataset
@@ -335,13 +343,56 @@ class PointwiseTrainer(DPOTrainer):
             # (`_precompute_ref_logps`), which then prepares the completed dataset here. Check what can be checked now.
             check_stage_columns(dataset, dataset_name)
             return dataset
-        check_columns(dataset, dataset_name, self._reference_columns)
-        check_rewards(dataset, dataset_name)
-        self._check_dataset(dataset, args, dataset_name)
+        self._check_raw_dataset(dataset, args, dataset_name)
         map_kwargs = {"num_proc": args.dataset_num_proc}
         with global_then_local_main_first():
             dataset = to_pointwise(dataset, dataset_name, map_kwargs)
             return self._tokenize(dataset, processing_class, args, dataset_name, map_kwargs)
+
+    def _check_raw_dataset(self, dataset: Dataset, args, dataset_name: str) -> None:
+        check_columns(dataset, dataset_name, self._reference_columns)
+        check_rewards(dataset, dataset_name)
+        self._check_dataset(dataset, args, dataset_name)
+
+    def _prepare_streamed_dataset(self, dataset: IterableDataset, processing_class, args, dataset_name: str):
+        """
+        A streamed dataset is prepared batch by batch as it is read, by the functions of the map-style path: each batch
+        is checked, made pointwise, tokenised and given its targets, from its own rows alone. The reference
+        log-probabilities are computed per training batch (`precompute_ref_log_probs=False`): from `ref_model`, or the
+        policy with its adapters disabled.
+        """
+        if args.precompute_ref_log_probs:
+            raise ValueError(
+                "`precompute_ref_log_probs=True` is not supported with IterableDataset: the reference "
+                f"log-probabilities of the whole {dataset_name} dataset are computed before training. Use a map-style "
+                "Dataset or set `precompute_ref_log_probs=False`."
+            )
+        first_row = Dataset.from_list([next(iter(dataset))])
+        if "completion_ids" in first_row.column_names:  # already prepared, e.g. handed back to `evaluate()`
+            return dataset
+        if self._needs_reference_stage(first_row):
+            raise ValueError(
+                f"The streamed {dataset_name} dataset lacks rewards (or QRPO's reference rewards), and the reference "
+                "stage (`reward_funcs`) cannot stream: it samples and scores the whole dataset into cache files "
+                "before training. Complete it first with `precompute_rewards`, or pass a map-style Dataset."
+            )
+        self._check_streamable(args, dataset_name)
+        self._check_raw_dataset(first_row, args, dataset_name)  # a wrong format or setting fails now, not mid-training
+        tokenize = self._batch_tokenizer(processing_class, args)
+
+        def prepare(batch, indices):
+            try:
+                self._check_raw_dataset(Dataset.from_dict(batch), args, dataset_name)
+            except ValueError as error:
+                raise ValueError(
+                    f"In rows {indices[0]} to {indices[-1]} of the streamed {dataset_name} dataset (row numbers below "
+                    f"count from {indices[0]}): {error}"
+                ) from None
+            rows = tokenize(pointwise_batch(batch))
+            targets = self._regression_targets(Dataset.from_dict(rows), None, {})
+            return {**rows, **{column: values.tolist() for column, values in targets.items()}}
+
+        return dataset.map(prepare, batched=True, with_indices=True, remove_columns=first_row.column_names)
 
     def _tokenize(self, dataset: Dataset, processing_class, args, dataset_name: str, map_kwargs: dict) -> Dataset:
         """
@@ -350,6 +401,30 @@ class PointwiseTrainer(DPOTrainer):
         whose prompt alone fills `max_length` (truncation would leave no completion token); unlike it, say how many were
         dropped or truncated.
         """
+        tokenized = dataset.map(
+            self._batch_tokenizer(processing_class, args),
+            batched=True,
+            remove_columns=dataset.column_names,
+            desc=f"Tokenizing {dataset_name} dataset",
+            **map_kwargs,
+        )
+        if len(tokenized) < len(dataset):
+            logger.warning(
+                f"Dropped {len(dataset) - len(tokenized)} of {len(dataset)} samples of the {dataset_name} dataset whose "
+                f"prompt alone has max_length={args.max_length} tokens or more: truncation would leave no completion "
+                "token."
+            )
+        if args.max_length is not None:
+            truncated = int(np.sum(sequence_lengths(tokenized) > args.max_length))
+            if truncated:
+                logger.warning(
+                    f"{truncated} of {len(tokenized)} samples of the {dataset_name} dataset exceed max_length="
+                    f"{args.max_length} tokens and are truncated ({args.truncation_mode})."
+                )
+        return tokenized
+
+    def _batch_tokenizer(self, processing_class, args):
+        """The function that adds `prompt_ids` and `completion_ids` to a batch of pointwise rows (see `_tokenize`)."""
         # The map function must not capture `self` (nor the whole config): `datasets` fingerprints it, and a closure
         # over the trainer would hash differently on every run, so no cache (tokens, reference log-probs) is reused
         is_encoder_decoder = self.is_encoder_decoder
@@ -370,27 +445,7 @@ class PointwiseTrainer(DPOTrainer):
             rows["completion_ids"] = [pairs[i][1] for i in kept]
             return rows
 
-        tokenized = dataset.map(
-            tokenize,
-            batched=True,
-            remove_columns=dataset.column_names,
-            desc=f"Tokenizing {dataset_name} dataset",
-            **map_kwargs,
-        )
-        if len(tokenized) < len(dataset):
-            logger.warning(
-                f"Dropped {len(dataset) - len(tokenized)} of {len(dataset)} samples of the {dataset_name} dataset whose "
-                f"prompt alone has max_length={args.max_length} tokens or more: truncation would leave no completion "
-                "token."
-            )
-        if args.max_length is not None:
-            truncated = int(np.sum(sequence_lengths(tokenized) > args.max_length))
-            if truncated:
-                logger.warning(
-                    f"{truncated} of {len(tokenized)} samples of the {dataset_name} dataset exceed max_length="
-                    f"{args.max_length} tokens and are truncated ({args.truncation_mode})."
-                )
-        return tokenized
+        return tokenize
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -423,8 +478,8 @@ class PointwiseTrainer(DPOTrainer):
         reference log-probabilities `ref_logps`, as columns of `dataset`.
         """
         self._restrict_fused_lm_head()
-        if "target" in dataset.column_names:
-            return dataset
+        if isinstance(dataset, IterableDataset) or "target" in dataset.column_names:
+            return dataset  # a streamed dataset gets its targets batch by batch (`_prepare_streamed_dataset`)
         if "completion_ids" not in dataset.column_names:  # left raw by `_prepare_dataset` for the reference stage
             dataset = self._prepare_dataset(
                 self._run_reference_stage(dataset, name), self.processing_class, self.args, name
@@ -557,11 +612,17 @@ class PointwiseTrainer(DPOTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Log-probabilities and loss
 
-    def _sequence_logps(self, model, inputs) -> torch.Tensor:
+    def _sequence_logps(
+        self, model, inputs, output_router_logits: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Sum (or per-token mean) of the completion-token log-probs: through TRL's fused LM head (no full logits) for a
         decoder-only model; for an encoder-decoder model, from the logits of a plain forward with the decoder target
         as `labels`, from which the model builds its decoder inputs, so that position t scores label t (no shift).
+
+        Returns them with the MoE load-balancing loss of the forward when `output_router_logits` (the policy of an MoE
+        model whose auxiliary loss is trained, as DPOTrainer's `aux_loss_enabled`), else None. Other forwards of an MoE
+        model (the reference) are told not to compute router logits, whatever its config says.
         """
         if self.is_encoder_decoder:
             labels = inputs["labels"]
@@ -570,23 +631,32 @@ class PointwiseTrainer(DPOTrainer):
             ).logits
             token_mask = labels != -100
             token_logps = selective_log_softmax(logits, labels.masked_fill(~token_mask, 0)).masked_fill(~token_mask, 0)
+            aux_loss = None  # no encoder-decoder model declares `output_router_logits`, so none has aux_loss_enabled
         else:
             completion_mask = inputs["completion_mask"]
             labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            router_kwargs = {"output_router_logits": output_router_logits} if self._is_moe_model else {}
             outputs = model(
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],
                 labels=labels,
                 fused_lm_head=True,
                 use_cache=False,
+                **router_kwargs,
             )
             token_mask = completion_mask[:, 1:]
             # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
             token_logps = outputs.log_probs[:, -token_mask.size(1) :]
+            aux_loss = outputs.aux_loss if output_router_logits else None
         logps = token_logps.sum(dim=1)
         if self.args.logps_normalization == "mean":
             logps = logps / token_mask.sum(dim=1).clamp(min=1)
-        return logps
+        return logps, aux_loss
+
+    @cached_property
+    def _is_moe_model(self) -> bool:
+        """Whether the model is a Mixture-of-Experts that can return router logits (DPOTrainer's test)."""
+        return hasattr(self.model.config.get_text_config(), "output_router_logits")
 
     def compute_ref_log_probs(self, model, inputs) -> torch.Tensor:
         """Reference log-probabilities of a padded batch: `model` without gradients, PEFT adapters disabled if no ref_model."""
@@ -596,11 +666,11 @@ class PointwiseTrainer(DPOTrainer):
             self._reference_adapter_context(),
             self.accelerator.autocast(),
         ):
-            return self._sequence_logps(model, inputs)
+            return self._sequence_logps(model, inputs)[0]
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        logps = self._sequence_logps(model, inputs)
+        logps, aux_loss = self._sequence_logps(model, inputs, output_router_logits=self.aux_loss_enabled)
         if self.args.precompute_ref_log_probs:
             ref_logps = inputs["ref_logps"]
         else:
@@ -608,6 +678,8 @@ class PointwiseTrainer(DPOTrainer):
         log_ratios = logps - ref_logps
         residuals = inputs["target"] - self.beta * log_ratios
         loss = self._loss_scale() * residuals.pow(2).mean()
+        if aux_loss is not None:  # an MoE policy: DPOTrainer's weighted load-balancing loss
+            loss = loss + self.router_aux_loss_coef * aux_loss
 
         # One all-gather (and one device sync) for every logged per-sample statistic and the token count
         statistics = {
@@ -618,6 +690,8 @@ class PointwiseTrainer(DPOTrainer):
             "logps/ref": ref_logps,
             **{column: inputs[column] for column in self._metric_columns},
         }
+        if aux_loss is not None:  # one value per process, gathered with the per-sample statistics
+            statistics["aux_loss"] = aux_loss.expand_as(logps)
         num_tokens = inputs["attention_mask"].sum(dim=1)
         if self.is_encoder_decoder:  # the decoder's tokens too
             num_tokens = num_tokens + (inputs["labels"] != -100).sum(dim=1)

@@ -1,7 +1,7 @@
 from dataclasses import dataclass, field
 
 from .pointwise_config import PointwiseConfig, check_choice
-from .targets import PARTITIONS, TIES, TRANSFORMS
+from .targets import MIN_REFERENCES, PARTITIONS, TIES, TRANSFORMS
 
 
 @dataclass
@@ -84,5 +84,15 @@ class QRPOConfig(PointwiseConfig):
                 f"`partition='approx'` is the official README's log Z = log(beta) + 1/beta, which only holds for "
                 f"`transform='identity'`, not {self.transform!r}."
             )
-        if self.num_ref_rewards is not None and self.num_ref_rewards < 1:
-            raise ValueError(f"`num_ref_rewards` must be >= 1 or None, got {self.num_ref_rewards}.")
+        minimum = MIN_REFERENCES.get(self.transform, 1)
+        if self.num_ref_rewards is not None and self.num_ref_rewards < minimum:
+            reason = (
+                f": it clamps q to [1/n, (n-1)/n], which leaves a single value below 3 references and every target "
+                "the same constant"
+                if self.transform in MIN_REFERENCES
+                else ""
+            )
+            raise ValueError(
+                f"`num_ref_rewards` must be >= {minimum} or None with transform={self.transform!r}{reason}; got "
+                f"{self.num_ref_rewards}."
+            )

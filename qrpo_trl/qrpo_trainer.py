@@ -9,6 +9,7 @@ from .targets import (
     MIN_REFERENCES,
     TRANSFORMS_NEEDING_N,
     beta_log_partition,
+    own_reward_index,
     pad_ragged,
     quantile_rewards,
     reference_stds,
@@ -36,6 +37,11 @@ class QRPOTrainer(PointwiseTrainer):
       `score_chosen`/`score_rejected`) and `ref_rewards`: each pair becomes two pointwise samples.
 
     If both `ref_rewards` and `quantile_reward` are present, the quantile is computed from `ref_rewards`.
+
+    A streamed `IterableDataset` (as train or eval dataset) is prepared batch by batch as it is read, with
+    `precompute_ref_log_probs=False`: the reference log-probabilities are computed at every step. It cannot be used
+    with `transform="scaled_normal_icdf"` (its scale is a mean over all training prompts) nor completed by
+    `reward_funcs`.
 
     Given `reward_funcs`, the reference stage (see [`precompute_rewards`]) completes a dataset that lacks them: it
     samples `num_generations` completions per prompt from the reference model and scores them (`ref_rewards`), and
@@ -70,6 +76,14 @@ class QRPOTrainer(PointwiseTrainer):
             }"""),
     }
 
+    def _check_streamable(self, args, dataset_name):
+        if args.transform == "scaled_normal_icdf":
+            raise ValueError(
+                f"transform='scaled_normal_icdf' cannot stream the {dataset_name} dataset: its scale sigma_x is "
+                "divided by the mean over every training prompt of the reference-reward standard deviation, which "
+                "needs the whole train dataset before the first target. Use a map-style Dataset or another transform."
+            )
+
     def _check_dataset(self, dataset, args, dataset_name):
         if "ref_rewards" not in dataset.column_names:
             self._check_quantile_column(dataset, args, dataset_name)
@@ -93,7 +107,7 @@ class QRPOTrainer(PointwiseTrainer):
             for column in reward_columns(dataset.column_names):
                 rewards = float_column(dataset, column, dataset_name)
                 for row, (reward, refs) in enumerate(zip(rewards, ref_rewards, strict=True)):
-                    if not np.isclose(refs, reward, rtol=1e-6, atol=1e-9).any():
+                    if own_reward_index(refs, reward) is None:
                         raise ValueError(
                             f"Column '{column}' of the {dataset_name} dataset, row {row}: exclude_self_from_ref=True "
                             f"but the reward {reward} is not among the row's ref_rewards."
@@ -122,11 +136,6 @@ class QRPOTrainer(PointwiseTrainer):
                 f"which the {dataset_name} dataset's `quantile_reward` column does not carry: set `num_ref_rewards` to "
                 "the number of references the quantiles were computed against."
             )
-        if args.num_ref_rewards is not None and args.num_ref_rewards < MIN_REFERENCES.get(args.transform, 1):
-            raise ValueError(
-                f"transform={args.transform!r} needs at least {MIN_REFERENCES[args.transform]} references, but "
-                f"num_ref_rewards={args.num_ref_rewards}."
-            )
 
     def _references(self, dataset, dataset_name) -> list[np.ndarray]:
         """Each row's reference rewards as used: own reward removed (if asked), then the first `num_ref_rewards`."""
@@ -134,7 +143,7 @@ class QRPOTrainer(PointwiseTrainer):
         if self.args.exclude_self_from_ref:
             rewards = float_column(dataset, "reward", dataset_name)
             ref_rewards = [
-                np.delete(refs, np.flatnonzero(np.isclose(refs, reward, rtol=1e-6, atol=1e-9))[0])
+                np.delete(refs, own_reward_index(refs, reward))
                 for refs, reward in zip(ref_rewards, rewards, strict=True)
             ]
         return [refs[: self.args.num_ref_rewards] for refs in ref_rewards]

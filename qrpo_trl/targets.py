@@ -22,7 +22,7 @@ from scipy.special import dawsn, logsumexp, ndtri
 TRANSFORMS = ("identity", "log", "square", "sqrt", "normal_icdf", "scaled_normal_icdf")
 PARTITIONS = ("exact", "finite_n", "approx")
 TIES = ("le", "mid")
-VALUE_ESTIMATORS = ("ref_weighted", "monte_carlo")
+VALUE_ESTIMATORS = ("ref_weighted", "monte_carlo", "ref_weighted_rows")
 LOGPS_NORMALIZATIONS = ("sum", "mean")
 # The normal transforms clamp q to [1/n, (n-1)/n], an empty or single-point range below 3 references
 MIN_REFERENCES = {"normal_icdf": 3, "scaled_normal_icdf": 3}
@@ -37,6 +37,21 @@ def pad_ragged(rows: list) -> np.ndarray:
     for i, row in enumerate(rows):
         out[i, : len(row)] = row
     return out
+
+
+def own_reward_index(ref_rewards: np.ndarray, reward: float) -> int | None:
+    """
+    Index of the sample's own reward among its reference rewards, or None if it is not there: an exactly equal
+    reference if there is one, else the nearest within `rtol=1e-6, atol=1e-9` (a reward stored at another precision).
+    Another reference that is merely close must not be removed in place of the equal one.
+    """
+    ref_rewards = np.asarray(ref_rewards, dtype=np.float64)
+    equal = np.flatnonzero(ref_rewards == reward)
+    if equal.size:
+        return int(equal[0])
+    distances = np.abs(ref_rewards - reward)
+    close = np.isclose(ref_rewards, reward, rtol=1e-6, atol=1e-9)
+    return int(np.argmin(np.where(close, distances, np.inf))) if close.any() else None
 
 
 def quantile_rewards(rewards: np.ndarray, ref_rewards: np.ndarray, ties: str = "le") -> np.ndarray:
@@ -184,22 +199,45 @@ def group_logsumexp(groups: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return maxima + np.log(sums)
 
 
-def rpo_values(groups, rewards, ref_logps, tau: float, estimator: str = "ref_weighted") -> np.ndarray:
-    """
-    Per-row value `V(x)` of RPO, over all rows that share the prompt's group label.
+def label_means(labels, values) -> np.ndarray:
+    """Per row, the mean of `values` over the rows that share its label (labels `0..L-1`)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return (np.bincount(labels, weights=np.asarray(values, dtype=np.float64)) / np.bincount(labels))[labels]
 
-    - `"ref_weighted"` (the paper): `V = tau * log sum_j pi_ref(y_j|x) exp(r_j / tau)`, computed as
-      `tau * logsumexp(logp_ref_j + r_j / tau)` because the direct sum of sequence probabilities underflows.
-    - `"monte_carlo"`: `V = tau * (logsumexp(r_j / tau) - log n_x)`, the Monte Carlo estimate of
-      `tau * log E_ref[exp(r / tau)]` for completions sampled from the reference model.
+
+def rpo_values(
+    groups, rewards, ref_logps, tau: float, estimator: str = "ref_weighted", completions=None
+) -> np.ndarray:
+    """
+    Per-row value `V(x)` of RPO, over the rows that share the prompt's group label.
+
+    - `"ref_weighted"` (the paper): `V = tau * log sum_y pi_ref(y|x) exp(r_y / tau)` over the DISTINCT completions `y`
+      of `x` (rows with the same `completions` label), each counted once with the mean reward `r_y` of its rows, so
+      that the optimum is a softmax over the distinct completions. Computed as `tau * logsumexp(logp_ref + r / tau)`
+      because the direct sum of sequence probabilities underflows.
+    - `"ref_weighted_rows"` (the official code): the same sum over rows, so a completion present k times counts k
+      times and the optimum puts total probability below 1 on the completions.
+    - `"monte_carlo"`: `V = tau * (logsumexp(r_j / tau) - log n_x)` over the rows, the Monte Carlo estimate of
+      `tau * log E_ref[exp(r / tau)]`: the rows are independent draws from the reference model, so each counts.
+
+    Args:
+        groups: prompt label per row, `0..G-1`.
+        completions: for `"ref_weighted"`, a label per row, equal for the rows holding the same completion of the same
+            prompt (labels `0..D-1`).
     """
     if not tau > 0:
         raise ValueError(f"tau (beta) must be > 0, got {tau}.")
     groups = np.asarray(groups, dtype=np.int64)
     scores = np.asarray(rewards, dtype=np.float64) / tau
     if estimator == "ref_weighted":
-        scores = scores + np.asarray(ref_logps, dtype=np.float64)
-        values = group_logsumexp(groups, scores)
+        if completions is None:
+            raise ValueError("value_estimator='ref_weighted' needs the completion label of every row.")
+        # One term per distinct completion: the mean of its rows (their reference log-probs agree up to rounding)
+        scores = label_means(completions, scores + np.asarray(ref_logps, dtype=np.float64))
+        _, first_rows = np.unique(completions, return_index=True)
+        values = group_logsumexp(groups[first_rows], scores[first_rows])
+    elif estimator == "ref_weighted_rows":
+        values = group_logsumexp(groups, scores + np.asarray(ref_logps, dtype=np.float64))
     elif estimator == "monte_carlo":
         values = group_logsumexp(groups, scores) - np.log(np.bincount(groups))
     else:

@@ -169,7 +169,7 @@ def test_t5_attention_dropout_is_disabled(tiny_t5_path, t5_tokenizer, dataset, t
         trainer = QRPOTrainer(model=tiny_t5_path, args=args, train_dataset=dataset)
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))])
         trainer.model.train()
-        first, second = (trainer._sequence_logps(trainer.model, batch) for _ in range(2))
+        first, second = (trainer._sequence_logps(trainer.model, batch)[0] for _ in range(2))
         assert torch.equal(first, second) == disable_dropout
 
 
