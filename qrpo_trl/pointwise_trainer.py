@@ -2,7 +2,8 @@
 Shared plumbing of the pointwise trainers: data formats, tokenisation, the reference map stage and the loss.
 
 `QRPOTrainer` and `RPOTrainer` subclass `PointwiseTrainer`, itself a `trl.DPOTrainer`, and only say how their
-regression target is made. The loss is `scale * (target - beta * (logp_theta - logp_ref))^2`, averaged over the batch.
+regression target is made. The loss is `scale * penalty(target - beta * (logp_theta - logp_ref))`, averaged over the
+batch, with a squared (`regression_loss="mse"`) or absolute (`"mae"`) penalty.
 """
 
 import contextlib
@@ -35,7 +36,15 @@ from trl.trainer.utils import (
     use_adapter,
 )
 
-from .data_utils import check_columns, check_rewards, check_stage_columns, has_rewards, to_pointwise
+from .data_utils import (
+    check_columns,
+    check_ref_logps,
+    check_rewards,
+    check_stage_columns,
+    float_column,
+    has_rewards,
+    to_pointwise,
+)
 from .pointwise_config import PointwiseConfig
 from .reference_stage import ReferenceStage, RewardFunctions
 from .tokenization import template_kwargs, tokenize_pairs
@@ -61,6 +70,17 @@ def sequence_lengths(dataset: Dataset, max_length: int | None = None) -> np.ndar
     table = dataset.with_format("arrow")
     lengths = sum(pc.list_value_length(table[column]).to_numpy() for column in ("prompt_ids", "completion_ids"))
     return lengths if max_length is None else np.minimum(lengths, max_length)
+
+
+def completion_lengths(dataset: Dataset, max_length: int | None, truncation_mode: str) -> np.ndarray:
+    """Completion tokens of each prepared sample that the loss scores, after the collator's `max_length` truncation."""
+    table = dataset.with_format("arrow")
+    prompt, completion = (pc.list_value_length(table[c]).to_numpy() for c in ("prompt_ids", "completion_ids"))
+    if max_length is None:
+        return completion
+    kept = np.minimum(prompt + completion, max_length)
+    # keep_start keeps the window [0, kept), keep_end the window ending with the completion
+    return np.maximum(kept - prompt, 0) if truncation_mode == "keep_start" else np.minimum(completion, kept)
 
 
 @dataclass
@@ -168,6 +188,28 @@ def hash_partitioned_module(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def pair_metrics(pair_rewards: np.ndarray) -> dict[str, float]:
+    """
+    DPOTrainer's `rewards/chosen`, `rewards/rejected`, `rewards/margins` and `rewards/accuracies` from rows of
+    (pair index, is chosen, implicit reward `beta * log-ratio`), over the pairs that have both completions.
+    """
+    pair_index, is_chosen, rewards = pair_rewards.T
+    chosen, rejected = {}, {}
+    for index, flag, reward in zip(pair_index.astype(np.int64), is_chosen, rewards, strict=True):
+        (chosen if flag else rejected)[index] = reward  # a pair seen twice (padded last batch) keeps one value
+    complete = sorted(chosen.keys() & rejected.keys())
+    if not complete:
+        return {}
+    chosen_rewards = np.array([chosen[i] for i in complete])
+    rejected_rewards = np.array([rejected[i] for i in complete])
+    return {
+        "rewards/chosen": float(chosen_rewards.mean()),
+        "rewards/rejected": float(rejected_rewards.mean()),
+        "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
+        "rewards/accuracies": float((chosen_rewards > rejected_rewards).mean()),
+    }
+
+
 class PointwiseTrainer(DPOTrainer):
     """
     Base of the pointwise trainers: a `trl.DPOTrainer` whose dataset is made of single (prompt, completion, reward)
@@ -181,7 +223,7 @@ class PointwiseTrainer(DPOTrainer):
     - `_target_needs_ref_logps`: whether the target depends on the reference log-probabilities;
     - `_check_dataset`: method-specific validation of the raw dataset;
     - `_target_statistics` / `_regression_targets`: the target columns, from dataset statistics of the training set;
-    - `_loss_scale`: the factor in front of the squared residual.
+    - `_loss_scale`: the factor in front of the penalty on the residual.
 
     The constructor takes the same arguments as `trl.DPOTrainer`, then (as `trl.GRPOTrainer` names them)
     `reward_funcs` and `reward_processing_classes`: with them, a dataset that lacks rewards (or QRPO's reference
@@ -221,6 +263,7 @@ class PointwiseTrainer(DPOTrainer):
             raise NotImplementedError(f"{type(self).__name__} does not support vision-language datasets.")
         self._train_statistics = None
         self._fused_lm_head_restricted = False
+        self._eval_pair_rewards = []
         # Loaded before anything else, so that a reward model that cannot be loaded fails first
         self._reward_functions = None
         if reward_funcs is not None:
@@ -337,10 +380,13 @@ class PointwiseTrainer(DPOTrainer):
             return dataset
         check_columns(dataset, dataset_name, self._reference_columns)
         check_rewards(dataset, dataset_name)
+        check_ref_logps(dataset, dataset_name)
         self._check_dataset(dataset, args, dataset_name)
         map_kwargs = {"num_proc": args.dataset_num_proc}
+        # Evaluation keeps both completions of a pair, for DPO's pair metrics
+        paired_samples = args.paired_samples if dataset_name == "train" else "both"
         with global_then_local_main_first():
-            dataset = to_pointwise(dataset, dataset_name, map_kwargs)
+            dataset = to_pointwise(dataset, dataset_name, map_kwargs, paired_samples, args.seed)
             return self._tokenize(dataset, processing_class, args, dataset_name, map_kwargs)
 
     def _tokenize(self, dataset: Dataset, processing_class, args, dataset_name: str, map_kwargs: dict) -> Dataset:
@@ -394,7 +440,10 @@ class PointwiseTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["prompt_ids", "completion_ids", "ref_logps", "target", *self._metric_columns]
+            self._signature_columns = [
+                "prompt_ids", "completion_ids", "ref_logps", "target", "beta", "pair_index", "is_chosen",
+                *self._metric_columns,
+            ]
 
     # transformers' length-grouped samplers (`train_sampling_strategy="group_by_length"` or `"batch_rebalance"`) read the
     # lengths from a `length_column_name` column or measure an `input_ids` column, and a pointwise sample has neither:
@@ -430,12 +479,14 @@ class PointwiseTrainer(DPOTrainer):
                 self._run_reference_stage(dataset, name), self.processing_class, self.args, name
             )
         ref_logps = None
-        if self.args.precompute_ref_log_probs or self._target_needs_ref_logps:
+        if "ref_logps" in dataset.column_names:  # given with the data: used as they are, no reference pass
+            ref_logps = float_column(dataset, "ref_logps", name)
+        elif self.args.precompute_ref_log_probs or self._target_needs_ref_logps:
             ref_logps = self._reference_logps(dataset, name, batch_size)
         if self._train_statistics is None:
             self._train_statistics = self._target_statistics(dataset, ref_logps)
         columns = self._regression_targets(dataset, ref_logps, self._train_statistics)
-        if self.args.precompute_ref_log_probs:
+        if self.args.precompute_ref_log_probs and "ref_logps" not in dataset.column_names:
             columns["ref_logps"] = ref_logps
         for column, values in columns.items():
             dataset = dataset.add_column(column, np.asarray(values, dtype=np.float64))
@@ -452,8 +503,20 @@ class PointwiseTrainer(DPOTrainer):
         if self._fused_lm_head_restricted or self.is_encoder_decoder:  # no fused head for encoder-decoder models
             return
         # Patched over DPOTrainer's patch: forwards with `fused_lm_head=True` stop at this one, others pass through both
-        add_fused_lm_head(self.model.get_base_model() if self._is_peft_policy else self.model, outputs=("log_probs",))
+        temperature = self._logits_temperature
+        add_fused_lm_head(
+            self.model.get_base_model() if self._is_peft_policy else self.model,
+            temperature=temperature,
+            outputs=("log_probs",),
+        )
+        if self.ref_model is not None and temperature != 1.0:  # DPOTrainer patched it at temperature 1
+            add_fused_lm_head(self.accelerator.unwrap_model(self.ref_model), temperature=temperature)
         self._fused_lm_head_restricted = True
+
+    @property
+    def _logits_temperature(self) -> float:
+        """The temperature the logits are divided by before the log-softmax (policy and reference alike)."""
+        return self.args.temperature if self.args.apply_temperature_in_training else 1.0
 
     def _reference_logps(self, dataset: Dataset, name: str, batch_size: int) -> np.ndarray:
         """
@@ -466,7 +529,9 @@ class PointwiseTrainer(DPOTrainer):
         """
         cache_file = None
         if dataset.cache_files and self._precompute_model_hash is not None:
-            settings = (self.args.logps_normalization, self.args.max_length, self.args.truncation_mode)
+            settings = (
+                self.args.logps_normalization, self.args.max_length, self.args.truncation_mode, self._logits_temperature
+            )
             fingerprint = [Hasher.hash((dataset._fingerprint, self._precompute_model_hash, settings))]
             broadcast_object_list(fingerprint, from_process=0)  # fingerprints may differ across ranks
             cache_dir = os.path.dirname(dataset.cache_files[0]["filename"])
@@ -557,6 +622,15 @@ class PointwiseTrainer(DPOTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Log-probabilities and loss
 
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        self._eval_pair_rewards = []
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self._eval_pair_rewards:
+            for key, value in pair_metrics(torch.cat(self._eval_pair_rewards).double().numpy()).items():
+                self._metrics["eval"][key] = [value]  # logged (and returned by `evaluate`) with the eval_ prefix
+        self._eval_pair_rewards = []
+        return output
+
     def _sequence_logps(self, model, inputs) -> torch.Tensor:
         """
         Sum (or per-token mean) of the completion-token log-probs: through TRL's fused LM head (no full logits) for a
@@ -567,7 +641,7 @@ class PointwiseTrainer(DPOTrainer):
             labels = inputs["labels"]
             logits = model(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels, use_cache=False
-            ).logits
+            ).logits / self._logits_temperature
             token_mask = labels != -100
             token_logps = selective_log_softmax(logits, labels.masked_fill(~token_mask, 0)).masked_fill(~token_mask, 0)
         else:
@@ -601,19 +675,23 @@ class PointwiseTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         logps = self._sequence_logps(model, inputs)
-        if self.args.precompute_ref_log_probs:
+        if "ref_logps" in inputs:  # precomputed, or given with the data
             ref_logps = inputs["ref_logps"]
         else:
             ref_logps = self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else model, inputs)
         log_ratios = logps - ref_logps
-        residuals = inputs["target"] - self.beta * log_ratios
-        loss = self._loss_scale() * residuals.pow(2).mean()
+        beta = inputs["beta"] if "beta" in inputs else self.beta  # per sample with QRPO's normalize_beta_by_length
+        implicit_rewards = beta * log_ratios
+        residuals = inputs["target"] - implicit_rewards
+        penalties = residuals.abs() if self.args.regression_loss == "mae" else residuals.pow(2)
+        loss = self._loss_scale() * penalties.mean()
 
         # One all-gather (and one device sync) for every logged per-sample statistic and the token count
         statistics = {
             "target": inputs["target"],
             "log_ratio": log_ratios,
-            "rewards/implicit": self.beta * log_ratios,
+            "residual": residuals.abs(),
+            "rewards/implicit": implicit_rewards,
             "logps/policy": logps,
             "logps/ref": ref_logps,
             **{column: inputs[column] for column in self._metric_columns},
@@ -626,6 +704,11 @@ class PointwiseTrainer(DPOTrainer):
         *means, batch_tokens = torch.cat([gathered[:, :-1].mean(dim=0), gathered[:, -1:].sum(dim=0)]).tolist()
         for key, value in zip(statistics, means, strict=True):
             self._metrics[mode][key].append(value)
+        if mode == "eval" and "pair_index" in inputs:
+            # DPO's pair metrics need both completions of a pair, which batches (and processes) may split: kept per
+            # sample and joined over the whole evaluation set in `evaluation_loop`
+            pairs = torch.stack([inputs["pair_index"], inputs["is_chosen"], implicit_rewards.detach().float()], dim=1)
+            self._eval_pair_rewards.append(self.accelerator.gather_for_metrics(pairs).cpu())
         if mode == "train":
             self._total_train_tokens += int(batch_tokens) // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]

@@ -47,6 +47,12 @@ class QRPOConfig(PointwiseConfig):
             Whether to remove the sample's own reward from its `ref_rewards` (once) before computing its quantile, for
             training completions that are themselves reference samples. Each row's reward must then be among its
             `ref_rewards`.
+        normalize_beta_by_length (`bool`, *optional*, defaults to `False`):
+            Whether each sample uses `beta_i = beta / L_i`, with `L_i` its number of trained completion tokens (EOS
+            included, after `max_length` truncation), in the regression and in the partition term: the target is
+            `f(q) - beta_i * log Z_f(beta_i)` and the loss `(target - beta_i * log-ratio)^2`. This is the Apertus
+            trainer's option for long chat completions, where a sequence log-ratio grows with the length; `beta` is
+            then a per-token coefficient (Apertus uses 2 to 5).
     """
 
     transform: str = field(
@@ -74,8 +80,21 @@ class QRPOConfig(PointwiseConfig):
         metadata={"help": "Remove the sample's own reward from its reference rewards before computing its quantile."},
     )
 
+    normalize_beta_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Use beta_i = beta / (completion tokens, EOS included) per sample, in the regression and in "
+            "beta_i * log Z(beta_i)."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if self.normalize_beta_by_length and self.logps_normalization == "mean":
+            raise ValueError(
+                "`normalize_beta_by_length=True` already divides by the completion length: use "
+                "`logps_normalization='sum'` with it."
+            )
         check_choice("transform", self.transform, TRANSFORMS)
         check_choice("partition", self.partition, PARTITIONS)
         check_choice("ties", self.ties, TIES)

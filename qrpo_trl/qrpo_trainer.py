@@ -3,7 +3,7 @@ import textwrap
 import numpy as np
 
 from .data_utils import float_column, prompt_groups, ragged_float_column, reward_columns
-from .pointwise_trainer import PointwiseTrainer
+from .pointwise_trainer import PointwiseTrainer, completion_lengths
 from .qrpo_config import QRPOConfig
 from .targets import (
     MIN_REFERENCES,
@@ -54,7 +54,7 @@ class QRPOTrainer(PointwiseTrainer):
 
     _config_class = QRPOConfig
     _reference_columns = ("ref_rewards", "quantile_reward")
-    _metric_columns = ("quantile",)
+    _metric_columns = ("quantile", "beta_log_partition")
     _tag_names = ["trl", "qrpo"]
     _name = "QRPO"
     _paper = {
@@ -167,5 +167,12 @@ class QRPOTrainer(PointwiseTrainer):
             num_references = args.num_ref_rewards
             quantiles = float_column(dataset, "quantile_reward", "prepared")
         transformed = transform_quantiles(quantiles, args.transform, n=num_references, scale=scale)
-        log_partition = beta_log_partition(args.transform, args.beta, args.partition, n=num_references, scale=scale)
-        return {"target": transformed - log_partition, "quantile": quantiles}
+        columns = {"quantile": quantiles}
+        beta = args.beta
+        if args.normalize_beta_by_length:
+            beta = args.beta / completion_lengths(dataset, args.max_length, args.truncation_mode)
+            columns["beta"] = beta
+        log_partition = beta_log_partition(args.transform, beta, args.partition, n=num_references, scale=scale)
+        columns["beta_log_partition"] = np.broadcast_to(log_partition, quantiles.shape)
+        columns["target"] = transformed - log_partition
+        return columns
