@@ -99,7 +99,8 @@ class DataCollatorForPointwise(DataCollatorMixin):
             Token ID used for padding.
         max_length (`int`, *optional*):
             Sequences longer than this are truncated before padding, as in TRL's `DataCollatorForPreference`. For an
-            encoder-decoder model it bounds prompt + completion together, truncated the same way.
+            encoder-decoder model it bounds prompt + completion together, truncated the same way, except that a
+            completion cut at its end keeps its final EOS token in place of its last kept token.
         truncation_mode (`str`, *optional*, defaults to `"keep_start"`):
             `"keep_start"` or `"keep_end"`.
         pad_to_multiple_of (`int`, *optional*):
@@ -136,10 +137,19 @@ class DataCollatorForPointwise(DataCollatorMixin):
         if self.is_encoder_decoder:
             # Truncated like one sequence above, then split: the prompt feeds the encoder, the completion is the target
             input_ids = self._padded([w[:p] for w, p in zip(windows, kept_prompt, strict=True)], self.pad_token_id)
+            targets = [w[p:] for w, p in zip(windows, kept_prompt, strict=True)]
+            # A completion cut at its end keeps its last token (EOS), as the RPO paper's code truncates its targets: the
+            # decoder is trained to end each target with EOS
+            targets = [
+                target[:-1] + example["completion_ids"][-1:]
+                if 0 < len(target) < len(example["completion_ids"]) and self.truncation_mode == "keep_start"
+                else target
+                for target, example in zip(targets, examples, strict=True)
+            ]
             batch = {
                 "input_ids": input_ids,
                 "attention_mask": self._span_mask(0, kept_prompt, input_ids.size(1)),
-                "labels": self._padded([w[p:] for w, p in zip(windows, kept_prompt, strict=True)], -100),
+                "labels": self._padded(targets, -100),
             }
         else:
             input_ids = self._padded(windows, self.pad_token_id)

@@ -2,7 +2,7 @@ import textwrap
 
 import numpy as np
 
-from .data_utils import float_column, prompt_groups, ragged_float_column, reward_columns
+from .data_utils import float_column, ragged_float_column, reward_columns
 from .pointwise_trainer import PointwiseTrainer, completion_lengths
 from .qrpo_config import QRPOConfig
 from .targets import (
@@ -142,11 +142,9 @@ class QRPOTrainer(PointwiseTrainer):
     def _target_statistics(self, dataset, ref_logps):
         if self.args.transform != "scaled_normal_icdf":
             return {}
-        # sigma_x is normalised by the mean over the training prompts of the reference-reward standard deviation
-        stds = reference_stds(pad_ragged(self._references(dataset, "train")))
-        groups = prompt_groups(dataset)
-        _, first_rows = np.unique(groups, return_index=True)
-        mean_std = float(stds[first_rows].mean())
+        # sigma_x is normalised by the mean over the training rows of the reference-reward standard deviation, as the
+        # official code does (its rows are pairs: a pair's two samples share their references, so the mean is the same)
+        mean_std = float(reference_stds(pad_ragged(self._references(dataset, "train"))).mean())
         if not mean_std > 0:
             raise ValueError(
                 "transform='scaled_normal_icdf' scales by the reference-reward standard deviation, which is 0 for every "

@@ -299,3 +299,65 @@ def test_apply_temperature_in_training_encoder_decoder(tiny_t5_path, tmp_path):
             expected.append(logits.log_softmax(-1).gather(-1, labels[0].unsqueeze(-1)).sum().item())
     np.testing.assert_allclose(trainer.train_dataset["ref_logps"], expected, rtol=1e-5)
     assert math.isfinite(first_loss(trainer))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Smaller fixes
+
+
+def test_scaled_normal_icdf_normalises_by_the_mean_over_training_rows(tiny_llama_path, tmp_path):
+    """As the official code: sigma_x / mean over rows of the per-row std, so a prompt with more rows weighs more."""
+    refs_a, refs_b = [0.0, 1.0, 2.0, 4.0], [0.0, 3.0, 6.0, 7.0]
+    rows = {"prompt": ["hello"] * 3 + ["yo"], "completion": [" yes", " no", " maybe", " sure"]}
+    rows["reward"] = [0.5, 1.5, 3.0, 6.5]
+    rows["ref_rewards"] = [refs_a] * 3 + [refs_b]
+    beta = 0.5
+    args = make_args(QRPOConfig, tmp_path, beta=beta, transform="scaled_normal_icdf")
+    prepared = QRPOTrainer(model=tiny_llama_path, args=args, train_dataset=Dataset.from_dict(rows)).train_dataset
+    stds = np.array([np.std(refs_a, ddof=1)] * 3 + [np.std(refs_b, ddof=1)])
+    sigma = stds / stds.mean()
+    q = np.array([1, 2, 3, 3]) / 4
+    from scipy.stats import norm
+
+    np.testing.assert_allclose(prepared["target"], sigma * norm.ppf(q) - sigma**2 / (2 * beta), rtol=1e-12)
+
+
+def test_encoder_decoder_truncation_keeps_the_eos(tiny_t5_path, t5_tokenizer, tmp_path):
+    rows = {"prompt": ["hello"], "completion": [" yes it is good"], "reward": [1.0], "ref_rewards": [[0.0, 2.0]]}
+    args = make_args(QRPOConfig, tmp_path, max_length=4)
+    trainer = QRPOTrainer(model=tiny_t5_path, args=args, train_dataset=Dataset.from_dict(rows))
+    row = trainer.train_dataset[0]
+    assert len(row["prompt_ids"]) == 2 and row["completion_ids"][-1] == t5_tokenizer.eos_token_id
+    batch = trainer.data_collator([row])
+    # 2 prompt tokens leave 2 of the 5 completion tokens: the first one, then EOS
+    assert batch["labels"].tolist() == [[row["completion_ids"][0], t5_tokenizer.eos_token_id]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+@METHODS
+def test_pair_metrics_on_a_paired_eval_dataset(tiny_llama_path, tmp_path, trainer_class, config_class):
+    """DPOTrainer's rewards/* over the pairs of the whole eval set, although batches of 5 split pairs."""
+    paired = Dataset.from_dict(paired_rows())
+    beta = 0.5
+    args = make_args(config_class, tmp_path, beta=beta, learning_rate=0.0, per_device_eval_batch_size=5, max_steps=1)
+    trainer = trainer_class(model=tiny_llama_path, args=args, train_dataset=paired, eval_dataset=paired)
+    rng = np.random.default_rng(0)
+    shift = rng.normal(size=len(trainer.eval_dataset))  # given reference log-probs make the implicit rewards differ
+    eval_dataset = trainer.eval_dataset.remove_columns("ref_logps").add_column(
+        "ref_logps", (np.array(trainer.eval_dataset["ref_logps"]) - shift).tolist()
+    )
+    metrics = trainer.evaluate(eval_dataset)
+    implicit = beta * shift  # the policy is the reference: log-ratio = shift
+    chosen, rejected = implicit[0::2], implicit[1::2]
+    assert metrics["eval_rewards/chosen"] == pytest.approx(chosen.mean(), rel=1e-5, abs=1e-6)
+    assert metrics["eval_rewards/rejected"] == pytest.approx(rejected.mean(), rel=1e-5, abs=1e-6)
+    assert metrics["eval_rewards/margins"] == pytest.approx((chosen - rejected).mean(), rel=1e-5, abs=1e-6)
+    assert metrics["eval_rewards/accuracies"] == pytest.approx((chosen > rejected).mean())
+    assert math.isfinite(metrics["eval_residual"])
+    if trainer_class is QRPOTrainer:
+        assert metrics["eval_beta_log_partition"] == pytest.approx(beta_log_partition("identity", beta))
+    # A pointwise eval dataset has no pairs
+    assert "eval_rewards/chosen" not in trainer.evaluate(Dataset.from_dict(pointwise_rows()))
