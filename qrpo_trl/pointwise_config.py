@@ -84,6 +84,9 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
             Fraction of the GPU memory that vLLM may use.
         reward_weights (`list[float]`, *optional*):
             Weights of the reward functions: the reward is their weighted sum. If `None`, every weight is `1.0`.
+        reward_model_trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Whether reward models given by path are loaded with `trust_remote_code=True`: custom-code reward models
+            such as ArmoRM-Llama3-8B-v0.1 (the QRPO paper's), whose reward is read from the output's `score`.
         keep_ref_completions (`bool`, *optional*, defaults to `False`):
             Whether to keep the sampled reference completions as a `ref_completions` column.
         reference_cache_dir (`str`, *optional*):

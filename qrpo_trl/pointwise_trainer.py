@@ -277,7 +277,9 @@ class PointwiseTrainer(DPOTrainer):
         # Loaded before anything else, so that a reward model that cannot be loaded fails first
         self._reward_functions = None
         if reward_funcs is not None:
-            self._reward_functions = RewardFunctions(reward_funcs, reward_processing_classes, args.reward_weights)
+            self._reward_functions = RewardFunctions(
+                reward_funcs, reward_processing_classes, args.reward_weights, args.reward_model_trust_remote_code
+            )
         # `_prepare_dataset` tokenises for the architecture, but runs before DPOTrainer has loaded and stored the model
         if isinstance(model, str):
             revision = (args.model_init_kwargs or {}).get("revision")
