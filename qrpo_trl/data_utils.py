@@ -164,13 +164,18 @@ def check_ref_logps(dataset: Dataset, dataset_name: str) -> None:
     """Reference log-probabilities given with the data (`ref_logps`, or both paired columns) are finite numbers."""
     columns = dataset.column_names
     paired = [column for column in PAIRED_REF_LOGPS_COLUMNS if column in columns]
+    if "completion" not in columns and "ref_logps" in columns:
+        raise ValueError(
+            f"The {dataset_name} dataset is paired and has a single 'ref_logps' column, which cannot belong to both "
+            "completions of a pair: give 'ref_chosen_logps' and 'ref_rejected_logps'."
+        )
     if "completion" not in columns and len(paired) == 1:
         raise ValueError(
             f"The {dataset_name} dataset has '{paired[0]}' but not "
             f"'{(set(PAIRED_REF_LOGPS_COLUMNS) - set(paired)).pop()}': give the reference log-probabilities of both "
             "completions of each pair, or neither."
         )
-    for column in ("ref_logps", *paired) if "completion" in columns else paired:
+    for column in ("ref_logps",) if "completion" in columns else paired:
         if column in columns:
             float_column(dataset, column, dataset_name)
 

@@ -245,6 +245,10 @@ def test_given_reference_logps_are_checked(tiny_llama_path, tmp_path):
     rows["ref_rejected_logps"] = [-3.0, -2.0, float("nan"), -1.0, -1.0, -1.0]
     with pytest.raises(ValueError, match=r"Column 'ref_rejected_logps' of the train dataset, row 2: expected a finite"):
         QRPOTrainer(model=tiny_llama_path, args=args, train_dataset=Dataset.from_dict(rows))
+    del rows["ref_chosen_logps"], rows["ref_rejected_logps"]
+    rows["ref_logps"] = [-1.0] * 6
+    with pytest.raises(ValueError, match="is paired and has a single 'ref_logps' column"):
+        QRPOTrainer(model=tiny_llama_path, args=args, train_dataset=Dataset.from_dict(rows))
     pointwise = pointwise_rows()
     pointwise["ref_logps"] = [-1.0] * 11 + [float("inf")]
     with pytest.raises(ValueError, match=r"Column 'ref_logps' of the train dataset, row 11: expected a finite"):
