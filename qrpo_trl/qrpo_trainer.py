@@ -2,8 +2,8 @@ import textwrap
 
 import numpy as np
 
-from .data_utils import float_column, prompt_groups, ragged_float_column, reward_columns
-from .pointwise_trainer import PointwiseTrainer
+from .data_utils import float_column, ragged_float_column, reward_columns
+from .pointwise_trainer import PointwiseTrainer, completion_lengths
 from .qrpo_config import QRPOConfig
 from .targets import (
     MIN_REFERENCES,
@@ -60,7 +60,7 @@ class QRPOTrainer(PointwiseTrainer):
 
     _config_class = QRPOConfig
     _reference_columns = ("ref_rewards", "quantile_reward")
-    _metric_columns = ("quantile",)
+    _metric_columns = ("quantile", "beta_log_partition")
     _tag_names = ["trl", "qrpo"]
     _name = "QRPO"
     _paper = {
@@ -151,11 +151,9 @@ class QRPOTrainer(PointwiseTrainer):
     def _target_statistics(self, dataset, ref_logps):
         if self.args.transform != "scaled_normal_icdf":
             return {}
-        # sigma_x is normalised by the mean over the training prompts of the reference-reward standard deviation
-        stds = reference_stds(pad_ragged(self._references(dataset, "train")))
-        groups = prompt_groups(dataset)
-        _, first_rows = np.unique(groups, return_index=True)
-        mean_std = float(stds[first_rows].mean())
+        # sigma_x is normalised by the mean over the training rows of the reference-reward standard deviation, as the
+        # official code does (its rows are pairs: a pair's two samples share their references, so the mean is the same)
+        mean_std = float(reference_stds(pad_ragged(self._references(dataset, "train"))).mean())
         if not mean_std > 0:
             raise ValueError(
                 "transform='scaled_normal_icdf' scales by the reference-reward standard deviation, which is 0 for every "
@@ -176,5 +174,12 @@ class QRPOTrainer(PointwiseTrainer):
             num_references = args.num_ref_rewards
             quantiles = float_column(dataset, "quantile_reward", "prepared")
         transformed = transform_quantiles(quantiles, args.transform, n=num_references, scale=scale)
-        log_partition = beta_log_partition(args.transform, args.beta, args.partition, n=num_references, scale=scale)
-        return {"target": transformed - log_partition, "quantile": quantiles}
+        columns = {"quantile": quantiles}
+        beta = args.beta
+        if args.normalize_beta_by_length:
+            beta = args.beta / completion_lengths(dataset, args.max_length, args.truncation_mode)
+            columns["beta"] = beta
+        log_partition = beta_log_partition(args.transform, beta, args.partition, n=num_references, scale=scale)
+        columns["beta_log_partition"] = np.broadcast_to(log_partition, quantiles.shape)
+        columns["target"] = transformed - log_partition
+        return columns

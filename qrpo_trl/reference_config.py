@@ -57,6 +57,13 @@ class ReferenceStageFields:
             "reward functions. If `None`, every function has weight 1."
         },
     )
+    reward_model_trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Load reward models given by path with trust_remote_code=True: custom-code reward models such as "
+            "ArmoRM (their reward is read from the output's `score`)."
+        },
+    )
     keep_ref_completions: bool = field(
         default=False,
         metadata={"help": "Keep the sampled reference completions as a `ref_completions` column."},
@@ -132,6 +139,10 @@ class ReferenceConfig(ReferenceStageFields):
         reward_weights (`list[float]`, *optional*):
             Weights of the reward functions: a completion's reward is the weighted sum of their rewards. Must match the
             number of reward functions. If `None`, every function has weight `1.0`.
+        reward_model_trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Whether reward models given by path are loaded with `trust_remote_code=True` (their code runs on this
+            machine): custom-code reward models such as ArmoRM-Llama3-8B-v0.1, the QRPO paper's, whose output carries
+            the reward in `score` rather than `logits`.
 
         > Parameters that control the output and the cache
 

@@ -131,7 +131,9 @@ def precompute_rewards(
         `ref_rewards` and `ref_completions`.
     """
     args = args if args is not None else ReferenceConfig()
-    reward_functions = RewardFunctions(reward_funcs, reward_processing_classes, args.reward_weights)
+    reward_functions = RewardFunctions(
+        reward_funcs, reward_processing_classes, args.reward_weights, args.reward_model_trust_remote_code
+    )
     if isinstance(model, str):
         model = create_model_from_path(model).to(PartialState().device)
     if processing_class is None:
@@ -152,7 +154,10 @@ class RewardFunctions:
     and the row.
     """
 
-    def __init__(self, reward_funcs, reward_processing_classes=None, reward_weights: list[float] | None = None):
+    def __init__(
+        self, reward_funcs, reward_processing_classes=None, reward_weights: list[float] | None = None,
+        trust_remote_code: bool = False,
+    ):
         funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not funcs:
             raise ValueError("`reward_funcs` is empty: give at least one reward function or reward model.")
@@ -168,11 +173,11 @@ class RewardFunctions:
         self.funcs, self.names, self.processing_classes = [], [], []
         for func, reward_processing_class in zip(funcs, reward_processing_classes, strict=True):
             if isinstance(func, str):
-                func = _load_reward_model(func)
+                func = _load_reward_model(func, trust_remote_code)
             if isinstance(func, nn.Module):
                 model_id = get_config_model_id(func.config)
                 if reward_processing_class is None:
-                    reward_processing_class = AutoTokenizer.from_pretrained(model_id)
+                    reward_processing_class = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
                 if reward_processing_class.pad_token_id is None:
                     reward_processing_class.pad_token = reward_processing_class.eos_token
                 # The reward is read at the last non-padding token, found through the model's pad token id
@@ -244,9 +249,12 @@ class RewardFunctions:
             ) from error
 
 
-def _load_reward_model(path: str) -> PreTrainedModel:
+def _load_reward_model(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        # Custom-code reward models (ArmoRM, the QRPO paper's) load through their `auto_map` with trust_remote_code
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, trust_remote_code=trust_remote_code
+        )
     except OSError as error:
         raise ValueError(
             f"Could not load the reward model {path!r}: {error}\nA reward model given as a string is loaded with "
@@ -302,7 +310,10 @@ def _reward_model_scores(model, processing_class, prompts, completions, batch_si
             text=[texts[i] for i in batch], return_tensors="pt", padding=True, padding_side="right",
             add_special_tokens=False,
         ).to(model.device)
-        rewards[batch] = model(**inputs).logits[:, 0].double().cpu().numpy()
+        outputs = model(**inputs)
+        # Custom-code reward models such as ArmoRM return their reward as `score` (and no `logits`)
+        scores = outputs.score if getattr(outputs, "score", None) is not None else outputs.logits
+        rewards[batch] = scores.reshape(len(batch), -1)[:, 0].double().cpu().numpy()
     model.train(was_training)
     return rewards
 

@@ -53,8 +53,9 @@ class RPOTrainer(PointwiseTrainer):
         return self.args.value_estimator != "monte_carlo"
 
     def _loss_scale(self):
-        # 0.5 * (log-ratio - (r - V) / beta)^2 == 0.5 / beta^2 * ((r - V) - beta * log-ratio)^2
-        return 0.5 / self.beta**2
+        # 0.5 * (log-ratio - (r - V) / beta)^2 == 0.5 / beta^2 * ((r - V) - beta * log-ratio)^2, and with
+        # regression_loss="mae", 0.5 * |log-ratio - (r - V) / beta| == 0.5 / beta * |(r - V) - beta * log-ratio|
+        return 0.5 / self.beta ** (2 if self.args.regression_loss == "mse" else 1)
 
     def _check_streamable(self, args, dataset_name):
         raise ValueError(

@@ -112,16 +112,16 @@ def transform_quantiles(q, transform: str, n=None, scale=None) -> np.ndarray:
     raise ValueError(f"Unknown transform {transform!r}; expected one of {TRANSFORMS}.")
 
 
-def _exact_beta_log_partition(transform: str, beta: float, scale=None):
-    """`beta * log Z` for q ~ Uniform(0, 1), in the closed forms that stay finite for any beta > 0."""
+def _exact_beta_log_partition(transform: str, beta, scale=None):
+    """`beta * log Z` for q ~ Uniform(0, 1), in the closed forms that stay finite for any beta > 0 (scalar or array)."""
     if transform == "identity":  # Z = beta * (exp(1/beta) - 1)
-        return beta * math.log(beta) + 1.0 + beta * math.log1p(-math.exp(-1.0 / beta))
+        return beta * np.log(beta) + 1.0 + beta * np.log1p(-np.exp(-1.0 / beta))
     if transform == "log":  # Z = beta / (1 + beta)
-        return beta * math.log(beta) - beta * math.log1p(beta)
+        return beta * np.log(beta) - beta * np.log1p(beta)
     if transform == "square":  # Z = sqrt(pi * beta) / 2 * erfi(1 / sqrt(beta)), written with Dawson's function
-        return 1.0 + beta * math.log(math.sqrt(beta) * dawsn(1.0 / math.sqrt(beta)))
+        return 1.0 + beta * np.log(np.sqrt(beta) * dawsn(1.0 / np.sqrt(beta)))
     if transform == "sqrt":  # Z = 2 * beta * (beta + (1 - beta) * exp(1/beta))
-        return beta * math.log(2.0 * beta) + 1.0 + beta * math.log(1.0 - beta + beta * math.exp(-1.0 / beta))
+        return beta * np.log(2.0 * beta) + 1.0 + beta * np.log(1.0 - beta + beta * np.exp(-1.0 / beta))
     if transform == "normal_icdf":  # Z = E[exp(X / beta)], X ~ N(0, 1)
         return 1.0 / (2.0 * beta)
     if transform == "scaled_normal_icdf":
@@ -129,30 +129,31 @@ def _exact_beta_log_partition(transform: str, beta: float, scale=None):
     raise ValueError(f"Unknown transform {transform!r}; expected one of {TRANSFORMS}.")
 
 
-def _finite_n_beta_log_partition(transform: str, beta: float, n, scale=None) -> np.ndarray:
+def _finite_n_beta_log_partition(transform: str, beta, n, scale=None) -> np.ndarray:
     """`beta * log Z_n` with `Z_n = 1/(n+1) sum_k exp(f(k/n) / beta)`: q is discrete-uniform on {0, 1/n, ..., 1}."""
-    n = np.asarray(n, dtype=np.int64)
     scaled = transform == "scaled_normal_icdf"
-    if scaled:
-        scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), n.shape)
+    n, beta, scale = np.broadcast_arrays(
+        np.asarray(n, dtype=np.int64),
+        np.asarray(beta, dtype=np.float64),
+        np.asarray(scale if scaled else 1.0, dtype=np.float64),
+    )
     out = np.empty(n.shape, dtype=np.float64)
     for count in np.unique(n):
         rows = n == count
         grid = transform_quantiles(np.arange(count + 1) / count, "normal_icdf" if scaled else transform, n=count)
-        if scaled:  # sigma_x * Phi^-1(k/n): a different grid per row
-            out[rows] = beta * (logsumexp(scale[rows, None] * grid[None, :] / beta, axis=1) - math.log(count + 1))
-        else:
-            out[rows] = beta * (logsumexp(grid / beta) - math.log(count + 1))
+        # sigma_x * f(k/n) / beta: a different grid per row when sigma_x or beta varies
+        exponents = (scale[rows] / beta[rows])[:, None] * grid[None, :]
+        out[rows] = beta[rows] * (logsumexp(exponents, axis=1) - math.log(count + 1))
     return out
 
 
-def beta_log_partition(transform: str, beta: float, partition: str = "exact", n=None, scale=None):
+def beta_log_partition(transform: str, beta, partition: str = "exact", n=None, scale=None):
     """
     `beta * log Z_f`, the constant (per prompt for `scaled_normal_icdf`) subtracted from `f(q)` in the QRPO target.
 
     Args:
         transform: one of `TRANSFORMS`.
-        beta: KL coefficient, `> 0`.
+        beta: KL coefficient, `> 0`: a float, or one per row (`normalize_beta_by_length`).
         partition: `"exact"` (q continuous uniform, closed form), `"finite_n"` (q discrete-uniform on
             `{0, 1/n, ..., 1}`, exact for `n` references) or `"approx"` (the official README's `log(beta) + 1/beta`,
             identity only, which drops `beta * log(1 - exp(-1/beta))`).
@@ -160,14 +161,17 @@ def beta_log_partition(transform: str, beta: float, partition: str = "exact", n=
         scale: per-row sigma_x (needed by `scaled_normal_icdf`).
 
     Returns:
-        A float, or an array with the shape of `n`/`scale` when the value varies per row.
+        A float, or an array with the shape of `beta`/`n`/`scale` when the value varies per row.
     """
-    if not beta > 0:
+    scalar_beta = np.ndim(beta) == 0
+    beta = float(beta) if scalar_beta else np.asarray(beta, dtype=np.float64)
+    if not np.all(np.asarray(beta) > 0):
         raise ValueError(f"beta must be > 0, got {beta}.")
     if transform == "scaled_normal_icdf" and scale is None:
         raise ValueError("transform='scaled_normal_icdf' needs the per-prompt scale sigma_x.")
     if partition == "exact":
-        return _exact_beta_log_partition(transform, beta, scale)
+        value = _exact_beta_log_partition(transform, beta, scale)
+        return float(value) if np.ndim(value) == 0 else value
     if partition == "finite_n":
         if n is None:
             raise ValueError("partition='finite_n' needs the number of references n.")
@@ -178,7 +182,8 @@ def beta_log_partition(transform: str, beta: float, partition: str = "exact", n=
                 f"partition='approx' is the official README's log Z = log(beta) + 1/beta, which only holds for "
                 f"transform='identity', not {transform!r}."
             )
-        return beta * math.log(beta) + 1.0
+        value = beta * np.log(beta) + 1.0
+        return float(value) if np.ndim(value) == 0 else value
     raise ValueError(f"Unknown partition {partition!r}; expected one of {PARTITIONS}.")
 
 

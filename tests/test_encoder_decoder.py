@@ -83,10 +83,11 @@ def test_collator_splits_truncated_samples_into_encoder_inputs_and_labels():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[7, 1, -100], [8, 9, 1]]
     assert batch["target"].tolist() == [0.5, -1.0]
-    # `max_length` bounds prompt + completion as for a decoder-only model: keep_start cuts the completion's end...
+    # `max_length` bounds prompt + completion as for a decoder-only model: keep_start cuts the completion's end, whose
+    # EOS replaces the last kept token...
     batch = DataCollatorForPointwise(pad_token_id=0, max_length=4, is_encoder_decoder=True)(examples)
     assert batch["input_ids"].tolist() == [[5, 6, 1], [5, 1, 0]]
-    assert batch["labels"].tolist() == [[7, -100], [8, 9]]
+    assert batch["labels"].tolist() == [[1, -100], [8, 1]]
     # ... and keep_end the prompt's start
     collator = DataCollatorForPointwise(pad_token_id=0, max_length=4, truncation_mode="keep_end", is_encoder_decoder=True)
     batch = collator(examples)

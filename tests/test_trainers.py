@@ -121,7 +121,10 @@ def test_rpo_first_loss_equals_the_paper_formula(tiny_llama_path, dataset, tmp_p
 
 
 @METHODS
-@pytest.mark.parametrize("reward_columns", [("chosen_reward", "rejected_reward"), ("score_chosen", "score_rejected")])
+@pytest.mark.parametrize(
+    "reward_columns",
+    [("chosen_reward", "rejected_reward"), ("score_chosen", "score_rejected"), ("chosen_rewards", "rejected_rewards")],
+)
 def test_paired_dataset_is_unpaired(tiny_llama_path, tmp_path, trainer_class, config_class, reward_columns):
     paired = Dataset.from_dict(
         {
