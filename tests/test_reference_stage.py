@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -75,6 +76,13 @@ def reference_args(tmp_path, **overrides):
     )
     settings.update(overrides)
     return ReferenceConfig(**settings)
+
+
+def chunk_files(directory):
+    """The (start, stop) ranges of the chunk files in a pass's cache directory; fails on any other file."""
+    names = sorted(os.listdir(directory))
+    assert all(re.fullmatch(r"chunk-\d{9}-\d{9}-[0-9a-f]{32}\.arrow", name) for name in names), names
+    return [(int(name.split("-")[1]), int(name.split("-")[2])) for name in names]
 
 
 @torch.no_grad()
@@ -221,15 +229,15 @@ def test_interrupted_run_resumes_after_the_last_chunk(model, tokenizer, tmp_path
     with pytest.raises(RuntimeError, match=r"Reward function 'flaky_length_reward' raised ConnectionError on the completions of rows \d+ to \d+ of the train dataset: judge unavailable"):
         precompute_rewards(dataset, model, flaky_length_reward, args, processing_class=tokenizer)
     scoring_dir = glob.glob(str(tmp_path / "cache" / "scoring-*"))[0]
-    # The two completed chunks, no partial file, no result
-    assert sorted(os.listdir(scoring_dir)) == ["chunk-000000000-000000003.json", "chunk-000000003-000000006.json"]
+    # The two completed chunks, no partial file
+    assert chunk_files(scoring_dir) == [(0, 3), (3, 6)]
     sampling_calls = CALLS["generate"]
 
     FAILURE["after_calls"] = None
     CALLS.update(reward=0, generate=0)
     resumed = precompute_rewards(dataset, model, flaky_length_reward, args, processing_class=tokenizer)
     assert CALLS == {"reward": 2, "generate": 0}  # the two remaining chunks; the sampling pass was complete
-    assert os.listdir(scoring_dir) == ["result.json"]
+    assert chunk_files(scoring_dir) == [(0, 3), (3, 6), (6, 9), (9, 12)]
 
     uninterrupted_args = reference_args(tmp_path / "fresh", reference_chunk_size=3)
     uninterrupted = precompute_rewards(dataset, model, flaky_length_reward, uninterrupted_args, processing_class=tokenizer)
@@ -385,8 +393,9 @@ def test_bad_reward_function(model, tokenizer, tmp_path, reward_func, error, mat
     with pytest.raises(error, match=match):
         precompute_rewards(dataset, model, reward_func, reference_args(tmp_path, reference_chunk_size=100), processing_class=tokenizer)
     # The sampling pass is complete and cached; nothing of the failed scoring pass was written
-    assert [os.path.basename(path) for path in glob.glob(str(tmp_path / "cache" / "*" / "*"))] == ["result.json"]
-    assert glob.glob(str(tmp_path / "cache" / "sampling-*" / "result.json"))
+    (sampling_dir,) = glob.glob(str(tmp_path / "cache" / "sampling-*"))
+    assert chunk_files(sampling_dir) == [(0, 18)]  # 6 distinct (prompt, prompt_index) x 3
+    assert glob.glob(str(tmp_path / "cache" / "*" / "*")) == glob.glob(os.path.join(sampling_dir, "*"))
 
 
 def test_reward_model_id_that_cannot_be_loaded_offline(tiny_llama_path, tokenizer, tmp_path):

@@ -1,0 +1,262 @@
+"""
+The reference stage's cache on disk: each pass keeps its results in a directory of chunk files, one per range of
+units, written by the process that computed them.
+
+A chunk file is an Arrow IPC stream (the format `datasets` memory-maps), named `chunk-START-STOP-DIGEST.arrow` by its
+range of units and the BLAKE2b digest of its bytes. It is written to a temporary file, flushed to disk and renamed into
+place, so a killed run leaves no partial file under a chunk's name; and a file is used only if its bytes still match
+its digest and it holds the expected rows and columns, so a file damaged anyway (a file system without atomic rename, a
+disk that filled up) is recomputed with a warning, never silently used. The main process checks the files; the other
+processes get from it only which chunks are missing, and read the files themselves: no result crosses processes.
+"""
+
+import errno
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pyarrow as pa
+from accelerate import PartialState
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list, gather_object
+
+
+logger = get_logger(__name__)
+
+_CHUNK_FILE = re.compile(r"chunk-(\d+)-(\d+)-([0-9a-f]{32})\.arrow")
+_TEMPORARY_PREFIX = ".tmp-"
+
+
+def _digest():
+    return hashlib.blake2b(digest_size=16)
+
+
+class _HashingFile:
+    """A binary file that hashes what is written to it."""
+
+    def __init__(self, file):
+        self.file = file
+        self.hash = _digest()
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self.file.closed
+
+
+class ChunkStore:
+    """
+    One pass's directory of chunk files; see the module's docstring. `ranges` are the pass's chunks, `(start, stop)`
+    ranges of units in order, and `columns` the columns every chunk file must have.
+    """
+
+    def __init__(self, directory: str, ranges: list[tuple[int, int]], columns: list[str], state: PartialState):
+        self.directory = directory
+        self.ranges = ranges
+        self.columns = columns
+        self.state = state
+        self._files: dict[tuple[int, int], str] = {}
+        self.written: dict[tuple[int, int], str] = {}  # by this process
+        self._last_read: tuple[tuple | None, pa.Table | None] = (None, None)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Checking what is there
+
+    def missing(self) -> tuple[list[tuple[int, int]], list[dict]]:
+        """
+        The chunks still to compute, and the metadata of the valid chunk files: checked by the main process, which
+        removes what is damaged or left over (temporary files of a killed run), and told to the other processes.
+        """
+        found = [self._check() if self.state.is_main_process else None]
+        broadcast_object_list(found, from_process=0)
+        files, metadata = found[0]
+        self._files = {tuple(map(int, key.split("-"))): name for key, name in files.items()}
+        return [chunk for chunk in self.ranges if chunk not in self._files], metadata
+
+    def _check(self) -> tuple[dict[str, str], list[dict]]:
+        if not os.path.isdir(self.directory):
+            return {}, []
+        wanted = set(self.ranges)
+        files, metadata = {}, []
+        for name in sorted(os.listdir(self.directory)):
+            path = os.path.join(self.directory, name)
+            if name.startswith(_TEMPORARY_PREFIX):
+                _remove(path)  # left by a killed run: only the main process removes, before anyone writes
+                continue
+            match = _CHUNK_FILE.fullmatch(name)
+            if match is None:
+                continue
+            chunk = (int(match[1]), int(match[2]))
+            if chunk not in wanted or chunk in files:
+                continue  # another chunking (another number of processes or chunk size), or a duplicate
+            problem, chunk_metadata = self._verify(path, chunk, match[3])
+            if problem is not None:
+                logger.warning(
+                    f"The reference stage's cache file {path} is damaged ({problem}): it is removed and its chunk "
+                    "computed again."
+                )
+                _remove(path)
+                continue
+            files[chunk] = name
+            metadata.append(chunk_metadata)
+        return {f"{start}-{stop}": name for (start, stop), name in files.items()}, metadata
+
+    def _verify(self, path: str, chunk: tuple[int, int], digest: str) -> tuple[str | None, dict]:
+        """Why the file at `path` cannot be used as `chunk` (`None` if it can), and its metadata."""
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+            if _digest_of(data) != digest:
+                return f"its {len(data)} bytes do not match the digest in its name: truncated or overwritten", {}
+            table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+            table.validate(full=True)
+        except (OSError, pa.ArrowException) as error:
+            return f"unreadable: {error}", {}
+        if table.num_rows != chunk[1] - chunk[0]:
+            return f"{table.num_rows} rows instead of {chunk[1] - chunk[0]}", {}
+        if missing := [column for column in self.columns if column not in table.column_names]:
+            return f"no column {missing}", {}
+        return None, {key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()}
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Writing
+
+    @contextmanager
+    def writer(self, chunk: tuple[int, int], schema: pa.Schema) -> Iterator[pa.ipc.RecordBatchStreamWriter]:
+        """
+        A stream writer for `chunk`'s file, of `schema` (its metadata gets the writing process's index): the file
+        appears under its name, with the digest of what was written, only when the block exits without error.
+        """
+        os.makedirs(self.directory, exist_ok=True)
+        schema = schema.with_metadata({
+            **(schema.metadata or {}), "process_index": str(self.state.process_index),
+            "num_processes": str(self.state.num_processes),
+        })
+        temporary = os.path.join(self.directory, f"{_TEMPORARY_PREFIX}{uuid.uuid4().hex}")
+        try:
+            with open(temporary, "wb") as file:
+                sink = _HashingFile(file)
+                with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), schema) as stream:
+                    yield stream
+                file.flush()
+                os.fsync(file.fileno())  # the data is on disk before the name says the chunk is done
+            name = f"chunk-{chunk[0]:09d}-{chunk[1]:09d}-{sink.hash.hexdigest()}.arrow"
+            os.replace(temporary, os.path.join(self.directory, name))
+        except OSError as error:
+            _remove(temporary)
+            raise _write_error(error, self.directory) from error
+        except BaseException:
+            _remove(temporary)
+            raise
+        self._files[chunk] = self.written[chunk] = name
+
+    def write(self, chunk: tuple[int, int], table: pa.Table) -> None:
+        with self.writer(chunk, table.schema) as stream:
+            stream.write_table(table)
+
+    def gather(self, failure: str | None, metadata: list[dict] | None = None) -> tuple[list[tuple[int, str]], list[dict]]:
+        """
+        Once every process is done writing: tell every process the names of the files the others wrote, and gather
+        each process's failure (`(process index, message)` of those that failed) and the metadata of what it wrote.
+        """
+        reports = gather_object([(failure, self.written, metadata or [])])
+        for _, written, _ in reports:
+            self._files.update(written)
+        failures = [(rank, message) for rank, (message, _, _) in enumerate(reports) if message is not None]
+        return failures, [entry for _, _, entries in reports for entry in entries]
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Reading
+
+    def path(self, chunk: tuple[int, int]) -> str:
+        return os.path.join(self.directory, self._files[chunk])
+
+    def read(self, chunk: tuple[int, int], columns: list[str] | None = None) -> pa.Table:
+        """A chunk's table, read into memory (a chunk at a time: memory stays bounded, and no page stays mapped)."""
+        with pa.OSFile(self.path(chunk)) as file:
+            table = pa.ipc.open_stream(file).read_all()
+        return table.select(columns) if columns is not None else table
+
+    def read_units(self, start: int, stop: int, columns: list[str]) -> pa.Table:
+        """Units `start` to `stop` of the pass, over as many chunk files as they span."""
+        pieces = []
+        for chunk_start, chunk_stop in self.ranges:
+            if chunk_stop <= start or chunk_start >= stop:
+                continue
+            table = self._read_cached((chunk_start, chunk_stop), columns)
+            pieces.append(table.slice(max(start - chunk_start, 0), min(stop, chunk_stop) - max(start, chunk_start)))
+        return pa.concat_tables(pieces)
+
+    def _read_cached(self, chunk: tuple[int, int], columns: list[str]) -> pa.Table:
+        # Consecutive reads of units overlap chunk files at their ends: keep the last one read
+        key = (chunk, tuple(columns))
+        if self._last_read[0] != key:
+            self._last_read = (key, self.read(chunk, columns))
+        return self._last_read[1]
+
+    def memory_mapped(self, columns: list[str]) -> pa.Table:
+        """The whole pass's table, memory-mapped: pages are read from disk when used, and shared between processes."""
+        tables = [
+            pa.ipc.open_stream(pa.memory_map(self.path(chunk))).read_all().select(columns) for chunk in self.ranges
+        ]
+        return pa.concat_tables(tables)
+
+
+def _digest_of(data: bytes) -> str:
+    digest = _digest()
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_error(error: OSError, directory: str) -> OSError:
+    code = error.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(
+            code,
+            f"No space left to write the reference stage's cache in {directory} ({error}). Free some space there, or "
+            "set `reference_cache_dir` to a directory with room for it (an interrupted run resumes from the chunks "
+            "already written).",
+        )
+    return OSError(code, f"Could not write the reference stage's cache in {directory}: {error}")
+
+
+def check_shared(directory: str, state: PartialState) -> None:
+    """
+    With several processes, check that every process sees the files the main process writes in `directory`: each
+    process writes its chunks there for the others to read, so with several machines it must be on storage they share.
+    """
+    if state.num_processes == 1:
+        return
+    token = [uuid.uuid4().hex if state.is_main_process else None]
+    broadcast_object_list(token, from_process=0)
+    marker = os.path.join(directory, f"{_TEMPORARY_PREFIX}shared-{token[0]}")
+    if state.is_main_process:
+        os.makedirs(directory, exist_ok=True)
+        open(marker, "w").close()
+    state.wait_for_everyone()
+    seen = [os.path.exists(marker)]
+    blind = [rank for rank, sees in enumerate(gather_object(seen)) if not sees]
+    if state.is_main_process:
+        _remove(marker)
+    if blind:
+        raise RuntimeError(
+            f"Processes {blind} do not see the reference stage's cache directory {directory} of the main process: "
+            "each process writes its share of the results there for the others to read, so with several machines "
+            "`reference_cache_dir` must be on storage that every machine mounts at the same path."
+        )
