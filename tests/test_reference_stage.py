@@ -1,20 +1,23 @@
 """The reference stage: sampling from the reference model, scoring with reward functions and models, the cache."""
 
+import errno
 import glob
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_llama, logged, make_args, pointwise_rows
-from datasets import Dataset, load_from_disk
+from datasets import ClassLabel, Dataset, Features, Value, load_from_disk
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from qrpo_trl import QRPOConfig, QRPOTrainer, ReferenceConfig, RPOConfig, RPOTrainer, precompute_rewards
 from qrpo_trl import cli
@@ -174,6 +177,28 @@ def test_prompt_only_dataset_becomes_sampled_completions(model, tokenizer, tmp_p
     assert rpo.column_names == ["prompt", "completion", "reward"] and rpo["completion"] == result["completion"]
 
 
+def test_prompt_only_dataset_is_expanded_through_arrow(model, tokenizer, tmp_path):
+    features = Features({"prompt": Value("string"), "topic": ClassLabel(names=["sky", "sea"])})
+    full = Dataset.from_dict({"prompt": PROMPTS, "topic": [0, 1, 0, 1, 1]}, features=features)
+    dataset = full.select([4, 2, 0])  # an indices mapping, out of order
+    args = reference_args(tmp_path, keep_ref_completions=True)
+    result = precompute_rewards(dataset, model, length_reward, args, processing_class=tokenizer)
+    # Each row once per sampled completion, in order, its columns with their features
+    assert result.features["topic"] == features["topic"]
+    assert result["prompt"] == [prompt for prompt in dataset["prompt"] for _ in range(3)]
+    assert result["topic"] == [topic for topic in dataset["topic"] for _ in range(3)]
+    for start in range(0, 9, 3):
+        assert result["completion"][start : start + 3] == result[start]["ref_completions"]
+        assert result["reward"][start : start + 3] == result[start + 2]["ref_rewards"]
+    # Memory-mapped from the cache, not held in memory
+    assert result.cache_files and all(
+        entry["filename"].startswith(str(tmp_path / "cache")) for entry in result.cache_files
+    )
+    # The completions of a prompt do not depend on the rows around it
+    everything = precompute_rewards(full, model, length_reward, args, processing_class=tokenizer)
+    assert result["completion"][:3] == everything["completion"][12:15]
+
+
 def test_conversational_prompts_use_the_chat_template(model, tokenizer, tmp_path):
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS[:2]]})
     seen = []
@@ -182,12 +207,16 @@ def test_conversational_prompts_use_the_chat_template(model, tokenizer, tmp_path
         seen.extend(zip(prompts, completions, completion_ids))
         return [0.0] * len(completions)
 
-    precompute_rewards(dataset, model, record, reference_args(tmp_path), processing_class=tokenizer)
+    args = reference_args(tmp_path, keep_ref_completions=True)
+    result = precompute_rewards(dataset, model, record, args, processing_class=tokenizer)
     prompt, completion, completion_ids = seen[0]
     assert prompt == [{"role": "user", "content": PROMPTS[0]}]
     assert completion[0]["role"] == "assistant"
     assert completion[0]["content"] == tokenizer.decode(completion_ids, skip_special_tokens=True)
     assert 0 < len(completion_ids) <= 6
+    # The expanded rows hold the completions as the reward function got them
+    assert result["completion"] == [completion for _, completion, _ in seen]
+    assert result[0]["ref_completions"] == result["completion"][:3]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -264,6 +293,95 @@ def test_interrupted_sampling_resumes(model, tokenizer, tmp_path):
     assert CALLS["generate"] == 1
     uninterrupted = precompute_rewards(dataset, model, length_reward, reference_args(tmp_path / "fresh"), processing_class=tokenizer)
     assert resumed.to_dict() == uninterrupted.to_dict()
+
+
+RUN_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "reference_stage_run.py")
+
+
+def test_killed_run_resumes_with_the_uninterrupted_result(tiny_llama_path, tmp_path):
+    """A run killed with SIGKILL after some chunks, run again, computes only the others and gives the same result."""
+    cache = tmp_path / "cache"
+
+    def command(name, delay):
+        return [
+            sys.executable, RUN_SCRIPT, "--model", tiny_llama_path, "--cache_dir", str(cache),
+            "--output", str(tmp_path / f"{name}.json"), "--generate_delay", str(delay),
+        ]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "killed.log", "w") as log:
+        killed = subprocess.Popen(command("killed", 1.0), env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while len(glob.glob(str(cache / "sampling-*" / "chunk-*"))) < 2:  # 5 chunks of one generate call each
+            assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+    (sampling_dir,) = glob.glob(str(cache / "sampling-*"))
+    done = len(chunk_files(sampling_dir))
+    assert 2 <= done < 5 and not (tmp_path / "killed.json").exists()
+
+    subprocess.run(command("resumed", 0.0), env=env, check=True, capture_output=True, timeout=300)
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["generate_calls"] == 5 - done
+    assert chunk_files(sampling_dir) == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 15)]
+    args = ReferenceConfig(
+        num_generations=3, max_completion_length=6, generation_batch_size=4, reference_chunk_size=3,
+        keep_ref_completions=True, reference_cache_dir=str(tmp_path / "fresh"),
+    )
+    uninterrupted = precompute_rewards(
+        Dataset.from_dict({"prompt": PROMPTS}), AutoModelForCausalLM.from_pretrained(tiny_llama_path), length_reward,
+        args, AutoTokenizer.from_pretrained(tiny_llama_path),
+    )
+    assert resumed["result"] == uninterrupted.to_dict()
+
+
+def test_damaged_cache_files_are_recomputed(model, tokenizer, tmp_path, caplog):
+    dataset = Dataset.from_dict({"prompt": PROMPTS})
+    # One prompt per sampling chunk: 5 chunks, and 15 completions scored in 5 chunks
+    args = reference_args(tmp_path, keep_ref_completions=True, reference_chunk_size=3)
+    first = precompute_rewards(dataset, model, flaky_length_reward, args, processing_class=tokenizer)
+    sampling = sorted(glob.glob(str(tmp_path / "cache" / "sampling-*" / "chunk-*")))
+    scoring = sorted(glob.glob(str(tmp_path / "cache" / "scoring-*" / "chunk-*")))
+    (output,) = glob.glob(str(tmp_path / "cache" / "output-*" / "chunk-*"))
+    assert len(sampling) == len(scoring) == 5
+    # Cut short (killed while writing, on a file system without atomic rename; a full disk), or overwritten in place
+    for path in (sampling[1], scoring[0]):
+        os.truncate(path, os.path.getsize(path) // 2)
+    with open(sampling[3], "r+b") as file:
+        file.seek(os.path.getsize(sampling[3]) // 2)
+        file.write(b"\0" * 8)
+    with open(output, "wb") as file:
+        file.write(b"not an arrow file")
+
+    CALLS.update(reward=0, generate=0)
+    again = precompute_rewards(dataset, model, flaky_length_reward, args, processing_class=tokenizer)
+    # The two sampling chunks (sampled again as they were: their scores still hold) and the scoring chunk
+    assert CALLS == {"generate": 2, "reward": 1}
+    assert again.to_dict() == first.to_dict()
+    for path in (sampling[1], sampling[3], scoring[0], output):
+        assert f"cache file {path} is damaged" in caplog.text
+        assert not os.path.exists(path)  # replaced by a file named after its new digest
+    assert "do not match the digest in its name" in caplog.text
+
+
+def test_full_disk_is_a_clear_error(model, tokenizer, tmp_path, monkeypatch):
+    from qrpo_trl.reference_stage import storage
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage._HashingFile, "write", full_disk)
+    args = reference_args(tmp_path)
+    match = f"No space left to write the reference stage's cache in {re.escape(str(tmp_path / 'cache'))}/sampling-"
+    with pytest.raises(OSError, match=match):
+        precompute_rewards(completions_dataset(), model, length_reward, args, processing_class=tokenizer)
+    # Nothing was left that a rerun could take for a result
+    assert [name for _, _, names in os.walk(tmp_path / "cache") for name in names] == []
+    monkeypatch.undo()
+    result = precompute_rewards(completions_dataset(), model, length_reward, args, processing_class=tokenizer)
+    assert len(result["ref_rewards"]) == 6
 
 
 # ----------------------------------------------------------------------------------------------------------------------
