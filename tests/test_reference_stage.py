@@ -341,7 +341,8 @@ def test_damaged_cache_files_are_recomputed(model, tokenizer, tmp_path, caplog):
     dataset = Dataset.from_dict({"prompt": PROMPTS})
     # One prompt per sampling chunk: 5 chunks, and 15 completions scored in 5 chunks
     args = reference_args(tmp_path, keep_ref_completions=True, reference_chunk_size=3)
-    first = precompute_rewards(dataset, model, flaky_length_reward, args, processing_class=tokenizer)
+    # Read before the damage: the result memory-maps the cache file that is overwritten below
+    first = precompute_rewards(dataset, model, flaky_length_reward, args, processing_class=tokenizer).to_dict()
     sampling = sorted(glob.glob(str(tmp_path / "cache" / "sampling-*" / "chunk-*")))
     scoring = sorted(glob.glob(str(tmp_path / "cache" / "scoring-*" / "chunk-*")))
     (output,) = glob.glob(str(tmp_path / "cache" / "output-*" / "chunk-*"))
@@ -359,7 +360,7 @@ def test_damaged_cache_files_are_recomputed(model, tokenizer, tmp_path, caplog):
     again = precompute_rewards(dataset, model, flaky_length_reward, args, processing_class=tokenizer)
     # The two sampling chunks (sampled again as they were: their scores still hold) and the scoring chunk
     assert CALLS == {"generate": 2, "reward": 1}
-    assert again.to_dict() == first.to_dict()
+    assert again.to_dict() == first
     for path in (sampling[1], sampling[3], scoring[0], output):
         assert f"cache file {path} is damaged" in caplog.text
         assert not os.path.exists(path)  # replaced by a file named after its new digest
