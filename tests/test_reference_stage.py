@@ -363,7 +363,6 @@ def test_damaged_cache_files_are_recomputed(model, tokenizer, tmp_path, caplog):
     assert again.to_dict() == first
     for path in (sampling[1], sampling[3], scoring[0], output):
         assert f"cache file {path} is damaged" in caplog.text
-        assert not os.path.exists(path)  # replaced by a file named after its new digest
     assert "do not match the digest in its name" in caplog.text
 
 
