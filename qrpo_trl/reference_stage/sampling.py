@@ -8,6 +8,7 @@ import hashlib
 import os
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from accelerate import PartialState
 from transformers import (
@@ -20,7 +21,7 @@ from transformers import (
 )
 from transformers.utils import is_torch_cuda_available
 from trl.import_utils import is_vllm_available
-from trl.trainer.utils import get_config_model_id, pad
+from trl.trainer.utils import get_config_model_id
 
 from ..reference_config import ReferenceStageFields
 
@@ -70,7 +71,6 @@ def eos_token_ids(model, processing_class) -> list[int]:
     return sorted({*eos, processing_class.eos_token_id} - {None})
 
 
-@torch.no_grad()
 def generate_completions(
     model, processing_class, prompt_ids: list[list[int]], seeds: list[int], args: ReferenceStageFields,
     progress: Callable[[int, int], None] = lambda completions, tokens: None,
@@ -82,6 +82,16 @@ def generate_completions(
     right, and the completion is what its decoder generates after the decoder start token. Returns the completion token
     ids, up to and including the first EOS token.
     """
+    completions = generate_completion_arrays(model, processing_class, prompt_ids, seeds, args, progress)
+    return [ids.tolist() for ids in completions]
+
+
+@torch.no_grad()
+def generate_completion_arrays(
+    model, processing_class, prompt_ids: list[list[int]], seeds: list[int], args: ReferenceStageFields,
+    progress: Callable[[int, int], None] = lambda completions, tokens: None,
+) -> list[np.ndarray]:
+    """[`generate_completions`], each completion's ids as a NumPy array (no Python object per token)."""
     is_encoder_decoder = model.config.is_encoder_decoder
     padding_side = "right" if is_encoder_decoder else "left"
     eos_ids = eos_token_ids(model, processing_class)
@@ -106,13 +116,7 @@ def generate_completions(
     model.eval()
     for start in range(0, len(order), args.generation_batch_size):
         batch = order[start : start + args.generation_batch_size]
-        input_ids = pad(
-            [torch.tensor(prompt_ids[i]) for i in batch], padding_value=processing_class.pad_token_id,
-            padding_side=padding_side,
-        )
-        attention_mask = pad(
-            [torch.ones(len(prompt_ids[i]), dtype=torch.long) for i in batch], 0, padding_side=padding_side
-        )
+        input_ids, attention_mask = _padded([prompt_ids[i] for i in batch], processing_class.pad_token_id, padding_side)
         sequences = model.generate(
             input_ids=input_ids.to(model.device),
             attention_mask=attention_mask.to(model.device),
@@ -120,15 +124,26 @@ def generate_completions(
             logits_processor=LogitsProcessorList([*warpers, PerSequenceSampler([seeds[i] for i in batch])]),
         )
         # The decoder's output starts with its start token; a decoder-only model's with the (padded) prompt
-        completion_start = 1 if is_encoder_decoder else input_ids.shape[1]
-        num_tokens = 0
-        for i, ids in zip(batch, sequences[:, completion_start:].tolist(), strict=True):
-            end = next((position + 1 for position, token in enumerate(ids) if token in eos_ids), len(ids))
-            completions[i] = ids[:end]
-            num_tokens += end
-        progress(len(batch), num_tokens)
+        generated = sequences[:, 1 if is_encoder_decoder else input_ids.shape[1] :]
+        is_eos = torch.isin(generated, torch.tensor(eos_ids, dtype=generated.dtype, device=generated.device))
+        lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, generated.shape[1]).tolist()
+        for i, ids, length in zip(batch, generated.cpu().numpy(), lengths, strict=True):
+            completions[i] = ids[:length]
+        progress(len(batch), sum(lengths))
     model.train(was_training)
     return completions
+
+
+def _padded(sequences: list[list[int]], pad_token_id: int, padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask of token sequences padded to the longest."""
+    width = max(map(len, sequences))
+    input_ids = np.full((len(sequences), width), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, ids in enumerate(sequences):
+        columns = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
+        input_ids[row, columns] = ids
+        attention_mask[row, columns] = 1
+    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
 
 
 @functools.lru_cache(maxsize=1)

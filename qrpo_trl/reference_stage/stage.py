@@ -1,6 +1,6 @@
 """
-`ReferenceStage.run`, behind [`precompute_rewards`]: the dataset's rows grouped by distinct prompt, the two cached passes
-(sampling, scoring) run in chunks over every process, and the join of their results into the dataset.
+`ReferenceStage.run`, behind [`precompute_rewards`]: the dataset's rows grouped by distinct prompt, the two cached
+passes (sampling, scoring) run in chunks over every process, and the join of their results into the dataset.
 """
 
 import functools
@@ -28,7 +28,7 @@ from ..reference_config import ReferenceConfig, ReferenceStageFields
 from ..tokenization import template_kwargs, tokenize_pairs, tokenize_prompts
 from .columns import StageResults, open_columns, write_columns
 from .rewards import RewardFunc, RewardFunctions
-from .sampling import completion_seeds, eos_token_ids, generate_completions, generate_completions_vllm
+from .sampling import completion_seeds, eos_token_ids, generate_completion_arrays, generate_completions_vllm
 from .storage import ChunkStore, check_shared
 
 
@@ -205,7 +205,7 @@ class ReferenceStage:
     # The two passes
 
     def _sample(self, groups: "_Groups", conversational: bool, dataset_name: str) -> ChunkStore:
-        """`num_generations` completions per group: their token ids and text (decoded in the chunk that samples them)."""
+        """`num_generations` completions per group: their token ids, and their text, decoded in the chunk."""
         args = self.args
         n = args.num_generations
         eos_ids = eos_token_ids(self.model, self.processing_class)
@@ -216,14 +216,22 @@ class ReferenceStage:
             unit_prompt_ids = [ids for ids in prompt_ids for _ in range(n)]
             if args.use_vllm:
                 completions = generate_completions_vllm(self.model, unit_prompt_ids, seeds, args, progress)
+                completions = [np.asarray(ids, dtype=np.int64) for ids in completions]
             else:
-                completions = generate_completions(
+                completions = generate_completion_arrays(
                     self.model, self.processing_class, unit_prompt_ids, seeds, args, progress
                 )
-            truncated = sum(1 for ids in completions if ids[-1:] and ids[-1] not in eos_ids)
+            lengths = np.fromiter(map(len, completions), dtype=np.int32, count=len(completions))
+            offsets = np.zeros(len(completions) + 1, dtype=np.int32)
+            np.cumsum(lengths, out=offsets[1:])
+            values = np.concatenate(completions).astype(np.int32) if len(completions) else np.zeros(0, np.int32)
+            last_tokens = values[offsets[1:][lengths > 0] - 1]
+            truncated = int(np.count_nonzero(~np.isin(last_tokens, eos_ids)))
+            prompt_arrays = [groups.prompt_array(group) for group in range(start // n, stop // n)]
+            texts = self._decode(prompt_arrays, completions, conversational)
             table = pa.table({
-                "completion_ids": pa.array(completions, type=pa.list_(pa.int32())),
-                "completion": pa.array(self._decode(prompt_ids, completions, conversational), type=pa.string()),
+                "completion_ids": pa.ListArray.from_arrays(offsets, values),
+                "completion": pa.array(texts, type=pa.string()),
             })
             return table.replace_schema_metadata({"num_truncated": str(truncated)})
 
@@ -354,10 +362,13 @@ class ReferenceStage:
     # ------------------------------------------------------------------------------------------------------------------
     # Decoding
 
-    def _decode(self, prompt_ids: list[list[int]], completions_ids: list[list[int]], conversational: bool) -> list[str]:
+    def _decode(
+        self, prompt_ids: list[np.ndarray], completions_ids: list[np.ndarray], conversational: bool
+    ) -> list[str]:
         """
         The text of the completions of a chunk (`len(completions_ids) // len(prompt_ids)` per prompt, prompt after
-        prompt); for conversational prompts, the content of the assistant's message.
+        prompt); for conversational prompts, the content of the assistant's message. Token ids are NumPy arrays, which
+        the tokenizer converts at once (lists, it checks token by token).
         """
         decode = functools.partial(self.processing_class.batch_decode, skip_special_tokens=True)
         if conversational or self.is_encoder_decoder:
@@ -368,7 +379,7 @@ class ReferenceStage:
         # sampled text
         per_prompt = len(completions_ids) // len(prompt_ids)
         prompts = decode(prompt_ids)
-        texts = decode([prompt_ids[i // per_prompt] + ids for i, ids in enumerate(completions_ids)])
+        texts = decode([np.concatenate([prompt_ids[i // per_prompt], ids]) for i, ids in enumerate(completions_ids)])
         return [
             text[len(prompts[i // per_prompt]) :] if text.startswith(prompts[i // per_prompt]) else decode([ids])[0]
             for i, (text, ids) in enumerate(zip(texts, completions_ids, strict=True))
@@ -394,8 +405,11 @@ class _Groups:
         self.sampling_key = sampling_key
         self.scoring_key = scoring_key
 
+    def prompt_array(self, group: int) -> np.ndarray:
+        return self._prompt_values[self._prompt_offsets[group] : self._prompt_offsets[group + 1]]
+
     def prompt_ids(self, group: int) -> list[int]:
-        return self._prompt_values[self._prompt_offsets[group] : self._prompt_offsets[group + 1]].tolist()
+        return self.prompt_array(group).tolist()
 
     @classmethod
     def scan(cls, stage: "ReferenceStage", rows: Dataset, to_score, kwarg_columns, sample: bool, conversational: bool):
@@ -403,7 +417,9 @@ class _Groups:
         tokenizer_hash = Hasher.hash(stage.processing_class)
         settings = [
             getattr(args, name)
-            for name in ("num_generations", "max_completion_length", "temperature", "top_p", "top_k", "seed", "use_vllm")
+            for name in (
+                "num_generations", "max_completion_length", "temperature", "top_p", "top_k", "seed", "use_vllm"
+            )
         ]
         sampling_hash = _hasher(
             _CACHE_FORMAT, stage.model_fingerprint if sample else None, tokenizer_hash,

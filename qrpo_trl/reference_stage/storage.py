@@ -163,7 +163,9 @@ class ChunkStore:
         with self.writer(chunk, table.schema) as stream:
             stream.write_table(table)
 
-    def gather(self, failure: str | None, metadata: list[dict] | None = None) -> tuple[list[tuple[int, str]], list[dict]]:
+    def gather(
+        self, failure: str | None, metadata: list[dict] | None = None
+    ) -> tuple[list[tuple[int, str]], list[dict]]:
         """
         Once every process is done writing: tell every process the names of the files the others wrote, and gather
         each process's failure (`(process index, message)` of those that failed) and the metadata of what it wrote.
