@@ -12,6 +12,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from conftest import build_tiny_llama, logged, make_args, pointwise_rows
@@ -563,3 +564,16 @@ def test_two_processes_match_one(tiny_llama_path, tiny_reward_model_path, tmp_pa
     assert double["completion"] == single["completion"]
     for key in ("reward", "ref_rewards", "trainer_ref_rewards", "trainer_reward", "trainer_losses"):
         np.testing.assert_allclose(double[key], single[key], rtol=1e-5, err_msg=key)
+    # Each process wrote the chunks it computed (dealt round-robin) to the cache they share; the main process wrote the
+    # joined columns. Nothing computed went through another process.
+    for name, num_processes in (("one", 1), ("two", 2)):
+        for kind in ("sampling", "scoring", "output"):
+            (directory,) = glob.glob(str(tmp_path / f"cache-{name}" / "function" / f"{kind}-*"))
+            writers = [
+                pa.ipc.open_stream(pa.memory_map(os.path.join(directory, file))).schema.metadata
+                for file in sorted(os.listdir(directory))
+            ]
+            assert {writer[b"num_processes"] for writer in writers} == {str(num_processes).encode()}
+            expected = [0] if kind == "output" else [index % num_processes for index in range(len(writers))]
+            assert [int(writer[b"process_index"]) for writer in writers] == expected, (name, kind)
+            assert len(writers) > 2 or kind == "output"
