@@ -35,21 +35,28 @@ def write_columns(
     per sampled completion.
     """
     (chunk,) = store.ranges
-    if store.state.is_main_process:
-        def batch(start, stop):
-            return _batch(dataset, results, prompt_only, add_ref_rewards, keep_ref_completions, start, stop)
 
-        own, added = batch(0, 1)
-        features = Features.from_arrow_schema(added.schema)
-        if prompt_only:  # the file holds the whole expanded rows: the dataset's columns keep their features
-            features = Features({**dataset.features, **features})
-        schema = features.arrow_schema
-        with store.writer(chunk, schema) as stream:
-            for start in range(0, len(dataset), rows_per_batch):
-                own, added = batch(start, min(start + rows_per_batch, len(dataset)))
-                arrays = (own.columns if own is not None else []) + added.columns
-                stream.write_table(pa.Table.from_arrays(arrays, schema=schema))
-    store.gather(None)
+    def batch(start, stop):
+        return _batch(dataset, results, prompt_only, add_ref_rewards, keep_ref_completions, start, stop)
+
+    failure = None
+    if store.state.is_main_process:
+        try:
+            own, added = batch(0, 1)
+            features = Features.from_arrow_schema(added.schema)
+            if prompt_only:  # the file holds the whole expanded rows: the dataset's columns keep their features
+                features = Features({**dataset.features, **features})
+            schema = features.arrow_schema
+            with store.writer(chunk, schema) as stream:
+                for start in range(0, len(dataset), rows_per_batch):
+                    own, added = batch(start, min(start + rows_per_batch, len(dataset)))
+                    arrays = (own.columns if own is not None else []) + added.columns
+                    stream.write_table(pa.Table.from_arrays(arrays, schema=schema))
+        except Exception as error:
+            if store.state.num_processes == 1:
+                raise
+            failure = error  # raised on every process by `finish`, rather than leaving them waiting
+    store.finish(failure)
 
 
 def open_columns(dataset: Dataset, store: ChunkStore, prompt_only: bool) -> Dataset:

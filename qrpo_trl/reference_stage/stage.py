@@ -351,13 +351,7 @@ class ReferenceStage:
                 break
             written.append({key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()})
         bar.close()
-        failures, written = store.gather(None if failure is None else f"{type(failure).__name__}: {failure}", written)
-        if failure is not None:
-            raise failure
-        if failures:
-            rank, message = failures[0]
-            raise RuntimeError(f"The reference stage failed on process {rank}: {message}")
-        return store, metadata + written
+        return store, metadata + store.finish(failure, written)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Decoding

@@ -163,18 +163,21 @@ class ChunkStore:
         with self.writer(chunk, table.schema) as stream:
             stream.write_table(table)
 
-    def gather(
-        self, failure: str | None, metadata: list[dict] | None = None
-    ) -> tuple[list[tuple[int, str]], list[dict]]:
+    def finish(self, failure: Exception | None, metadata: list[dict] | None = None) -> list[dict]:
         """
-        Once every process is done writing: tell every process the names of the files the others wrote, and gather
-        each process's failure (`(process index, message)` of those that failed) and the metadata of what it wrote.
+        Once every process is done writing (or failed: `failure`): tell every process the names of the files the
+        others wrote, and raise on every process if one failed. Returns the metadata of what every process wrote.
         """
-        reports = gather_object([(failure, self.written, metadata or [])])
+        message = None if failure is None else f"{type(failure).__name__}: {failure}"
+        reports = gather_object([(message, self.written, metadata or [])])
         for _, written, _ in reports:
             self._files.update(written)
-        failures = [(rank, message) for rank, (message, _, _) in enumerate(reports) if message is not None]
-        return failures, [entry for _, _, entries in reports for entry in entries]
+        if failure is not None:
+            raise failure
+        for rank, (message, _, _) in enumerate(reports):
+            if message is not None:
+                raise RuntimeError(f"The reference stage failed on process {rank}: {message}")
+        return [entry for _, _, entries in reports for entry in entries]
 
     # ------------------------------------------------------------------------------------------------------------------
     # Reading
