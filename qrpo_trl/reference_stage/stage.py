@@ -111,7 +111,6 @@ def precompute_rewards(
     return ReferenceStage(model, processing_class, reward_functions, args).run(dataset, add_ref_rewards, dataset_name)
 
 
-
 class ReferenceStage:
     """
     The reference stage for one reference model and one set of reward functions; see [`precompute_rewards`].
@@ -144,8 +143,6 @@ class ReferenceStage:
         if self._model_fingerprint is None:
             self._model_fingerprint = hash_module(self.model)
         return self._model_fingerprint
-
-
 
     def run(self, dataset: Dataset, add_ref_rewards: bool, dataset_name: str) -> Dataset:
         check_stage_columns(dataset, dataset_name)

@@ -10,6 +10,7 @@ disk that filled up) is recomputed with a warning, never silently used. The main
 processes get from it only which chunks are missing, and read the files themselves: no result crosses processes.
 """
 
+import bisect
 import errno
 import hashlib
 import os
@@ -62,6 +63,7 @@ class ChunkStore:
     def __init__(self, directory: str, ranges: list[tuple[int, int]], columns: list[str], state: PartialState):
         self.directory = directory
         self.ranges = ranges
+        self._starts = [start for start, _ in ranges]
         self.columns = columns
         self.state = state
         self._files: dict[tuple[int, int], str] = {}
@@ -78,11 +80,10 @@ class ChunkStore:
         """
         found = [self._check() if self.state.is_main_process else None]
         broadcast_object_list(found, from_process=0)
-        files, metadata = found[0]
-        self._files = {tuple(map(int, key.split("-"))): name for key, name in files.items()}
+        self._files, metadata = found[0]
         return [chunk for chunk in self.ranges if chunk not in self._files], metadata
 
-    def _check(self) -> tuple[dict[str, str], list[dict]]:
+    def _check(self) -> tuple[dict[tuple[int, int], str], list[dict]]:
         if not os.path.isdir(self.directory):
             return {}, []
         wanted = set(self.ranges)
@@ -108,24 +109,28 @@ class ChunkStore:
                 continue
             files[chunk] = name
             metadata.append(chunk_metadata)
-        return {f"{start}-{stop}": name for (start, stop), name in files.items()}, metadata
+        return files, metadata
 
     def _verify(self, path: str, chunk: tuple[int, int], digest: str) -> tuple[str | None, dict]:
         """Why the file at `path` cannot be used as `chunk` (`None` if it can), and its metadata."""
         try:
             with open(path, "rb") as file:
-                data = file.read()
-            if _digest_of(data) != digest:
-                return f"its {len(data)} bytes do not match the digest in its name: truncated or overwritten", {}
-            table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-            table.validate(full=True)
+                if hashlib.file_digest(file, _digest).hexdigest() != digest:
+                    size = os.path.getsize(path)
+                    return f"its {size} bytes do not match the digest in its name: truncated or overwritten", {}
+            num_rows = 0
+            with pa.OSFile(path) as source:  # a batch at a time: a file can be larger than memory
+                reader = pa.ipc.open_stream(source)
+                for batch in reader:
+                    batch.validate(full=True)
+                    num_rows += batch.num_rows
         except (OSError, pa.ArrowException) as error:
             return f"unreadable: {error}", {}
-        if table.num_rows != chunk[1] - chunk[0]:
-            return f"{table.num_rows} rows instead of {chunk[1] - chunk[0]}", {}
-        if missing := [column for column in self.columns if column not in table.column_names]:
+        if num_rows != chunk[1] - chunk[0]:
+            return f"{num_rows} rows instead of {chunk[1] - chunk[0]}", {}
+        if missing := [column for column in self.columns if column not in reader.schema.names]:
             return f"no column {missing}", {}
-        return None, {key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()}
+        return None, {key.decode(): value.decode() for key, value in (reader.schema.metadata or {}).items()}
 
     # ------------------------------------------------------------------------------------------------------------------
     # Writing
@@ -194,9 +199,10 @@ class ChunkStore:
     def read_units(self, start: int, stop: int, columns: list[str]) -> pa.Table:
         """Units `start` to `stop` of the pass, over as many chunk files as they span."""
         pieces = []
-        for chunk_start, chunk_stop in self.ranges:
-            if chunk_stop <= start or chunk_start >= stop:
-                continue
+        first = bisect.bisect_right(self._starts, start) - 1
+        for chunk_start, chunk_stop in self.ranges[first:]:
+            if chunk_start >= stop:
+                break
             table = self._read_cached((chunk_start, chunk_stop), columns)
             pieces.append(table.slice(max(start - chunk_start, 0), min(stop, chunk_stop) - max(start, chunk_start)))
         return pa.concat_tables(pieces)
@@ -214,12 +220,6 @@ class ChunkStore:
             pa.ipc.open_stream(pa.memory_map(self.path(chunk))).read_all().select(columns) for chunk in self.ranges
         ]
         return pa.concat_tables(tables)
-
-
-def _digest_of(data: bytes) -> str:
-    digest = _digest()
-    digest.update(data)
-    return digest.hexdigest()
 
 
 def _remove(path: str) -> None:
