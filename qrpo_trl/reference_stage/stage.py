@@ -165,8 +165,9 @@ class ReferenceStage:
         rows = dataset.select_columns(["prompt", *(column for column, _ in to_score), *kwarg_columns])
         conversational = is_conversational({"prompt": rows[0]["prompt"]})
         groups = _Groups.scan(self, rows, to_score, kwarg_columns, sample, conversational)
+        # From the data, not `dataset._fingerprint`, which can differ between processes: they must share the file
         output_key = _key(
-            groups.scoring_key, dataset._fingerprint, prompt_only, sample and add_ref_rewards,
+            groups.scoring_key, Hasher.hash(dataset.features), prompt_only, sample and add_ref_rewards,
             self.args.keep_ref_completions,
         )
         output = ChunkStore(
