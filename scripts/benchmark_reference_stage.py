@@ -16,7 +16,8 @@ tokenisation, seeding, decoding, cache files, cache keys, joining the columns. E
 It prints both per sampled completion at each size, the slope between the two sizes (what a further completion costs,
 free of fixed costs such as imports and model hashing) and the extrapolation to 3.05M completions.
 
-    python scripts/benchmark_reference_stage.py [--sizes 200 1000] [--json results.json]
+    python scripts/benchmark_reference_stage.py [--sizes 200 1000] [--keep_ref_completions] [--prompt_only]
+        [--json results.json]
 """
 
 import argparse
@@ -68,6 +69,8 @@ def run_size(cli) -> dict:
         "prompt": [words(rng.integers(32, 65)) for _ in range(cli.size)],
         "completion": [" " + words(rng.integers(16, 33)) for _ in range(cli.size)],
     })
+    if cli.prompt_only:
+        dataset = dataset.remove_columns("completion")
     timers = {"generate": 0.0, "reward": 0.0}
     first_word_id = 4  # after the special tokens: no EOS, so every completion has max_completion_length tokens
 
@@ -90,13 +93,15 @@ def run_size(cli) -> dict:
         args = ReferenceConfig(
             num_generations=cli.num_generations, max_completion_length=cli.max_completion_length,
             generation_batch_size=cli.batch_size, reference_cache_dir=cache_dir,
+            keep_ref_completions=cli.keep_ref_completions,
         )
         rss_before = peak_rss_bytes()
         start = time.perf_counter()
         result = precompute_rewards(dataset, model, num_words, args, processing_class=tokenizer)
         wall = time.perf_counter() - start
         rss_after = peak_rss_bytes()
-        assert len(result) == cli.size and len(result[0]["ref_rewards"]) == cli.num_generations
+        assert len(result) == cli.size * (cli.num_generations if cli.prompt_only else 1)
+        assert len(result[0]["ref_rewards"]) == cli.num_generations
         cache_bytes = sum(
             os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(cache_dir) for name in names
         )
@@ -120,6 +125,12 @@ def main():
     parser.add_argument("--max_completion_length", type=int, default=400)
     parser.add_argument("--batch_size", type=int, default=32, help="`generation_batch_size`.")
     parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument(
+        "--keep_ref_completions", action="store_true", help="Also join the sampled texts (`ref_completions`)."
+    )
+    parser.add_argument(
+        "--prompt_only", action="store_true", help="Prompts only: each row becomes one row per sampled completion."
+    )
     parser.add_argument("--tmp_dir", default=None, help="Where the cache directories are made (default: the system's).")
     parser.add_argument("--json", default=None, help="Also write the results to this file.")
     parser.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)  # one run, in a child process

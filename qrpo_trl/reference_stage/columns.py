@@ -1,7 +1,7 @@
 """
 The columns the reference stage adds to a dataset, joined with Arrow: each row's references are taken from the pass
 results by index (`group * num_generations + k`) and written, a batch of rows at a time, to one Arrow file that the
-result memory-maps. No Python object per completion, and memory bounded by a batch.
+result memory-maps. No Python object per completion, and memory bounded by a batch (and the chunk files it reads).
 """
 
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ class StageResults:
     num_generations: int
     sampled_rewards: np.ndarray | None  # the rewards of the sampled completions, group-major; None without sampling
     own_rewards: dict[str, np.ndarray]  # reward column -> the reward of each row's own completion
-    sampled_texts: pa.ChunkedArray | None  # the sampled completions' text (memory-mapped), when the output needs it
+    sampling: ChunkStore | None  # the sampled completions (their `completion` text, for the output), if sampled
     conversational: bool
 
 
@@ -81,7 +81,7 @@ def _batch(
         # One row per sampled completion: the row repeated, with its group's k-th completion and reward
         own = dataset.with_format("arrow")[start:stop].take(np.repeat(np.arange(stop - start), n))
         units = _units(groups, n)
-        columns["completion"] = _completions(results.sampled_texts.take(units), results.conversational)
+        columns["completion"] = _completions(results.sampling.take(units, "completion"), results.conversational)
         columns["reward"] = pa.array(results.sampled_rewards[units])
         groups = np.repeat(groups, n)
     for column, rewards in results.own_rewards.items():
@@ -91,7 +91,7 @@ def _batch(
         columns["ref_rewards"] = _lists(pa.array(results.sampled_rewards[units]), n)
         if keep_ref_completions:
             columns["ref_completions"] = _lists(
-                _completions(results.sampled_texts.take(units), results.conversational), n
+                _completions(results.sampling.take(units, "completion"), results.conversational), n
             )
     return own, pa.table(columns)
 
@@ -105,9 +105,8 @@ def _lists(values: pa.Array, n: int) -> pa.ListArray:
     return pa.ListArray.from_arrays(np.arange(0, len(values) + 1, n, dtype=np.int32), values)
 
 
-def _completions(texts: pa.ChunkedArray, conversational: bool) -> pa.Array:
+def _completions(texts: pa.Array, conversational: bool) -> pa.Array:
     """Completions as the stage returns them: texts, or one assistant message each for conversational data."""
-    texts = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
     if not conversational:
         return texts
     messages = pa.StructArray.from_arrays([pa.repeat("assistant", len(texts)), texts], names=["role", "content"])

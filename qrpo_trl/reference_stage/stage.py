@@ -181,7 +181,6 @@ class ReferenceStage:
         sampling = self._sample(groups, conversational, dataset_name) if sample else None
         rewards = self._score(rows, groups, sampling, to_score, kwarg_columns, conversational, dataset_name)
         num_sampled = len(groups.first_rows) * self.args.num_generations if sample else 0
-        needs_texts = prompt_only or (add_ref_rewards and self.args.keep_ref_completions)
         results = StageResults(
             group_of_row=groups.of_row,
             num_generations=self.args.num_generations,
@@ -190,10 +189,14 @@ class ReferenceStage:
                 reward_column: rewards[num_sampled + i * len(dataset) : num_sampled + (i + 1) * len(dataset)]
                 for i, (_, reward_column) in enumerate(to_score)
             },
-            sampled_texts=sampling.memory_mapped(["completion"])["completion"] if sample and needs_texts else None,
+            sampling=sampling,
             conversational=conversational,
         )
-        rows_per_batch = max(1, 8 * self.args.reference_chunk_size // self.args.num_generations)
+        # About 8 chunks' worth of completions per batch of the output: a prompt-only row expands to n rows of n
+        # references each
+        n = self.args.num_generations
+        completions_per_row = (n if prompt_only else 1) * (n if sample and add_ref_rewards else 1)
+        rows_per_batch = max(1, 8 * self.args.reference_chunk_size // completions_per_row)
         write_columns(
             dataset, results, prompt_only, add_ref_rewards, self.args.keep_ref_completions, output, rows_per_batch
         )

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import pyarrow as pa
 from accelerate import PartialState
 from accelerate.logging import get_logger
@@ -214,12 +215,22 @@ class ChunkStore:
             self._last_read = (key, self.read(chunk, columns))
         return self._last_read[1]
 
-    def memory_mapped(self, columns: list[str]) -> pa.Table:
-        """The whole pass's table, memory-mapped: pages are read from disk when used, and shared between processes."""
-        tables = [
-            pa.ipc.open_stream(pa.memory_map(self.path(chunk))).read_all().select(columns) for chunk in self.ranges
-        ]
-        return pa.concat_tables(tables)
+    def take(self, units: np.ndarray, column: str) -> pa.Array:
+        """
+        The values of `column` for `units` (in any order, repeated or not), reading each chunk file they fall in once
+        (Arrow's take on a column of many chunks would first concatenate them all).
+        """
+        chunks = np.searchsorted(self._starts, units, side="right") - 1
+        order = np.argsort(chunks, kind="stable")
+        pieces = []
+        for positions in np.split(order, np.flatnonzero(np.diff(chunks[order])) + 1):
+            if len(positions):
+                chunk = self.ranges[chunks[positions[0]]]
+                values = self._read_cached(chunk, [column])[column].combine_chunks()
+                pieces.append(values.take(pa.array(units[positions] - chunk[0])))
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return pa.concat_arrays(pieces).take(pa.array(inverse))
 
 
 def _remove(path: str) -> None:
