@@ -115,10 +115,13 @@ class ChunkStore:
     def _verify(self, path: str, chunk: tuple[int, int], digest: str) -> tuple[str | None, dict]:
         """Why the file at `path` cannot be used as `chunk` (`None` if it can), and its metadata."""
         try:
+            content = _digest()
             with open(path, "rb") as file:
-                if hashlib.file_digest(file, _digest).hexdigest() != digest:
-                    size = os.path.getsize(path)
-                    return f"its {size} bytes do not match the digest in its name: truncated or overwritten", {}
+                while block := file.read(1 << 20):
+                    content.update(block)
+            if content.hexdigest() != digest:
+                size = os.path.getsize(path)
+                return f"its {size} bytes do not match the digest in its name: truncated or overwritten", {}
             num_rows = 0
             with pa.OSFile(path) as source:  # a batch at a time: a file can be larger than memory
                 reader = pa.ipc.open_stream(source)
