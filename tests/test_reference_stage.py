@@ -181,11 +181,12 @@ def test_prompt_only_dataset_becomes_sampled_completions(model, tokenizer, tmp_p
 def test_prompt_only_dataset_is_expanded_through_arrow(model, tokenizer, tmp_path):
     features = Features({"prompt": Value("string"), "topic": ClassLabel(names=["sky", "sea"])})
     full = Dataset.from_dict({"prompt": PROMPTS, "topic": [0, 1, 0, 1, 1]}, features=features)
+    full.info.description = "five prompts"
     dataset = full.select([4, 2, 0])  # an indices mapping, out of order
     args = reference_args(tmp_path, keep_ref_completions=True)
     result = precompute_rewards(dataset, model, length_reward, args, processing_class=tokenizer)
     # Each row once per sampled completion, in order, its columns with their features
-    assert result.features["topic"] == features["topic"]
+    assert result.features["topic"] == features["topic"] and result.info.description == "five prompts"
     assert result["prompt"] == [prompt for prompt in dataset["prompt"] for _ in range(3)]
     assert result["topic"] == [topic for topic in dataset["topic"] for _ in range(3)]
     for start in range(0, 9, 3):

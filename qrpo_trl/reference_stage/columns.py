@@ -62,8 +62,11 @@ def write_columns(
 def open_columns(dataset: Dataset, store: ChunkStore, prompt_only: bool) -> Dataset:
     """`dataset` completed with the columns of `store`'s file, memory-mapped."""
     (chunk,) = store.ranges
-    columns = Dataset.from_file(store.path(chunk))
-    return columns if prompt_only else concatenate_datasets([dataset, columns], axis=1)
+    if not prompt_only:
+        return concatenate_datasets([dataset, Dataset.from_file(store.path(chunk))], axis=1)
+    info = dataset.info.copy()
+    info.features = None  # the expanded rows' features are in the file
+    return Dataset.from_file(store.path(chunk), info=info, split=dataset.split)
 
 
 def _batch(
