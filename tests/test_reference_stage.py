@@ -578,3 +578,23 @@ def test_two_processes_match_one(tiny_llama_path, tiny_reward_model_path, tmp_pa
             expected = [0] if kind == "output" else [index % num_processes for index in range(len(writers))]
             assert [int(writer[b"process_index"]) for writer in writers] == expected, (name, kind)
             assert len(writers) > 2 or kind == "output"
+
+
+@pytest.mark.slow
+def test_failure_on_one_process_stops_every_process(tiny_llama_path, tiny_reward_model_path, tmp_path):
+    """
+    A reward function failing on process 1 stops the run with its error (no process left waiting), after process 0
+    scored and kept its own chunks. (Each process raises; the launcher may stop process 0 before it prints its own.)
+    """
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
+        "--model", tiny_llama_path, "--reward_model", tiny_reward_model_path, "--cache_dir", str(tmp_path / "cache"),
+        "--output", str(tmp_path / "out.json"), "--fail_on_process_1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert completed.returncode != 0
+    assert "Reward function 'judge_down_on_process_1' raised ConnectionError" in completed.stderr
+    # 9 sampled and 12 own completions in chunks of 4: process 0 scores the 1st, 3rd and 5th
+    (scoring_dir,) = glob.glob(str(tmp_path / "cache" / "function" / "scoring-*"))
+    assert chunk_files(scoring_dir) == [(0, 4), (8, 12), (16, 20)]
