@@ -160,11 +160,15 @@ class ChunkStore:
                 os.fsync(file.fileno())  # the data is on disk before the name says the chunk is done
             name = f"chunk-{chunk[0]:09d}-{chunk[1]:09d}-{sink.hash.hexdigest()}.arrow"
             os.replace(temporary, os.path.join(self.directory, name))
-        except OSError as error:
+        except BaseException as error:
             _remove(temporary)
-            raise _write_error(error, self.directory) from error
-        except BaseException:
-            _remove(temporary)
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OSError(
+                    error.errno,
+                    f"No space left to write the reference stage's cache in {self.directory} ({error}). Free some "
+                    "space there, or set `reference_cache_dir` to a directory with room for it (a run started again "
+                    "keeps the chunks already written).",
+                ) from error
             raise
         self._files[chunk] = self.written[chunk] = name
 
@@ -241,18 +245,6 @@ def _remove(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
-
-
-def _write_error(error: OSError, directory: str) -> OSError:
-    code = error.errno
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        return OSError(
-            code,
-            f"No space left to write the reference stage's cache in {directory} ({error}). Free some space there, or "
-            "set `reference_cache_dir` to a directory with room for it (an interrupted run resumes from the chunks "
-            "already written).",
-        )
-    return OSError(code, f"Could not write the reference stage's cache in {directory}: {error}")
 
 
 def check_shared(directory: str, state: PartialState) -> None:
