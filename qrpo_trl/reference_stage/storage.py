@@ -15,6 +15,7 @@ import errno
 import hashlib
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -261,6 +262,9 @@ def check_shared(directory: str, state: PartialState) -> None:
         os.makedirs(directory, exist_ok=True)
         open(marker, "w").close()
     state.wait_for_everyone()
+    deadline = time.monotonic() + 30  # a network file system may take a few seconds to show a new file
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
     seen = [os.path.exists(marker)]
     blind = [rank for rank, sees in enumerate(gather_object(seen)) if not sees]
     if state.is_main_process:
