@@ -321,7 +321,7 @@ def test_killed_run_resumes_with_the_uninterrupted_result(tiny_llama_path, tmp_p
         os.kill(killed.pid, signal.SIGKILL)
         killed.wait()
     (sampling_dir,) = glob.glob(str(cache / "sampling-*"))
-    done = len(chunk_files(sampling_dir))
+    done = len(glob.glob(os.path.join(sampling_dir, "chunk-*")))
     assert 2 <= done < 5 and not (tmp_path / "killed.json").exists()
 
     subprocess.run(command("resumed", 0.0), env=env, check=True, capture_output=True, timeout=300)
@@ -357,6 +357,8 @@ def test_damaged_cache_files_are_recomputed(model, tokenizer, tmp_path, caplog):
         file.write(b"\0" * 8)
     with open(output, "wb") as file:
         file.write(b"not an arrow file")
+    # What a run killed while writing leaves
+    (tmp_path / "cache" / os.path.basename(os.path.dirname(sampling[0])) / ".tmp-0123").write_bytes(b"\0" * 100)
 
     CALLS.update(reward=0, generate=0)
     again = precompute_rewards(dataset, model, flaky_length_reward, args, processing_class=tokenizer)
@@ -366,6 +368,7 @@ def test_damaged_cache_files_are_recomputed(model, tokenizer, tmp_path, caplog):
     for path in (sampling[1], sampling[3], scoring[0], output):
         assert f"cache file {path} is damaged" in caplog.text
     assert "do not match the digest in its name" in caplog.text
+    assert len(chunk_files(os.path.dirname(sampling[0]))) == 5  # and the temporary file is gone
 
 
 def test_full_disk_is_a_clear_error(model, tokenizer, tmp_path, monkeypatch):
