@@ -312,7 +312,7 @@ def test_killed_run_resumes_with_the_uninterrupted_result(tiny_llama_path, tmp_p
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "killed.log", "w") as log:
-        killed = subprocess.Popen(command("killed", 1.0), env=env, stdout=log, stderr=subprocess.STDOUT)
+        killed = subprocess.Popen(command("killed", 0.5), env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
         while len(glob.glob(str(cache / "sampling-*" / "chunk-*"))) < 2:  # 5 chunks of one generate call each
             assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
