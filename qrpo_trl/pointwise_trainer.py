@@ -24,7 +24,6 @@ from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from transformers import AutoConfig
 from transformers.data.data_collator import DataCollatorMixin
-from transformers.utils.generic import is_flash_attention_requested
 from trl import DPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
@@ -320,6 +319,7 @@ class PointwiseTrainer(DPOTrainer):
             raise ValueError(f"{type(self).__name__} does not support vision-language datasets ('image' or 'images').")
         self._train_statistics = None
         self._fused_lm_head_restricted = False
+        self._padding_free_checked = False
         self._eval_pair_rewards = []
         # Loaded before anything else, so that a reward model that cannot be loaded fails first
         self._reward_functions = None
@@ -640,27 +640,53 @@ class PointwiseTrainer(DPOTrainer):
         self._fused_lm_head_restricted = True
 
     def _check_padding_free(self) -> None:
-        """With `padding_free=True`, raise a ValueError for a model that cannot score a packed row sample by sample."""
-        if not self._padding_free:
+        """
+        With `padding_free=True`, raise a ValueError for a model that cannot score a packed row sample by sample.
+
+        transformers confines attention to each packed sample from `position_ids` in the masks it builds for `eager`,
+        `sdpa` and `flex_attention` (`find_packed_sequence_indices`), and flash attention runs its varlen path; but a
+        model can build its masks without the positions (GPT-OSS does) and custom implementations may ignore them. So
+        each model that will score packed rows is probed once, before the first pass: a sample must get the same
+        log-probability alone and packed after another sample, which attention leaking from one into the other breaks
+        (within 1e-5 relative, 1e-2 in half precision).
+        """
+        if not self._padding_free or self._padding_free_checked:
             return
-        for role, model in (("model", self.model), ("ref_model", self.ref_model)):
-            if model is None:
-                continue
-            implementation = self.accelerator.unwrap_model(model).config._attn_implementation
-            # The mask-building implementations confine attention to each sample from `position_ids` when there is no
-            # `attention_mask` (transformers' `find_packed_sequence_indices`); flash attention runs its varlen path
-            if implementation not in ("eager", "sdpa", "flex_attention") and not is_flash_attention_requested(
-                requested_attention_implementation=implementation
-            ):
-                raise ValueError(
-                    f"`padding_free=True` needs an attention implementation that confines attention to each packed "
-                    f"sample ('eager', 'sdpa', 'flex_attention' or flash attention); the {role} uses {implementation!r}."
-                )
         if self._is_peft_policy and self.accelerator.unwrap_model(self.model).active_peft_config.is_prompt_learning:
             raise ValueError(
                 "`padding_free=True` is not supported with prompt-learning PEFT (prompt, prefix or p-tuning): its virtual "
                 "tokens would be prepended once to the packed row rather than to each sample. Set `padding_free=False`."
             )
+        probes = [("reference model", self._reference_inference_model(), self._reference_adapter_context())]
+        if self.ref_model is not None and not self.is_deepspeed_enabled:  # else the policy is not placed yet
+            probes.append(("model", self.model, contextlib.nullcontext()))
+        vocab_size = self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size
+        tokens = [(7 * i + 3) % vocab_size for i in range(12)]
+        probe, other = ({"prompt_ids": ids[:2], "completion_ids": ids[2:]} for ids in (tokens, tokens[::-1]))
+        half_precision = self.args.bf16 or self.args.fp16
+        tolerance = 1e-2 if half_precision else 1e-5
+        for role, model, adapter_context in probes:
+            scores = []
+            with torch.no_grad(), adapter_context, self.accelerator.autocast():
+                was_training = model.training
+                model.eval()
+                for examples in ([probe], [other, probe]):  # alone (nothing to leak from), then after another sample
+                    batch = self.data_collator(examples)
+                    batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    scores.append(self._sequence_logps(model, batch)[0][-1].item())
+                model.train(was_training)
+            alone, packed = scores
+            if abs(alone - packed) > tolerance * max(1.0, abs(alone)):
+                implementation = self.accelerator.unwrap_model(model).config._attn_implementation
+                raise ValueError(
+                    f"`padding_free=True` needs attention confined to each packed sample, and the {role} "
+                    f"({type(self.accelerator.unwrap_model(model)).__name__} with attn_implementation="
+                    f"{implementation!r}) does not confine it: a sample scores {alone:.6g} alone and {packed:.6g} "
+                    "packed after another one. transformers confines it for 'sdpa', 'eager' and 'flex_attention' in "
+                    "models that build their masks from `position_ids`, and with flash attention. Set "
+                    "`padding_free=False` or use another attention implementation."
+                )
+        self._padding_free_checked = True
 
     @property
     def _logits_temperature(self) -> float:
