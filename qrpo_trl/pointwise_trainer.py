@@ -27,6 +27,7 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
+from trl.trainer import utils as trl_utils
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import (
@@ -217,6 +218,22 @@ class DataCollatorForPointwise(DataCollatorMixin):
         """A `(len(end), width)` mask, 1 where `begin[i] <= j < end[i]` in row i."""
         positions = np.arange(width)
         return torch.from_numpy((positions >= np.asarray(begin)[..., None]) & (positions < end[:, None])).long()
+
+
+@contextlib.contextmanager
+def compact_fused_lm_head():
+    """
+    Make TRL's fused LM head project only the scored (completion) positions on every device but XLA ones, as it does on
+    Triton devices. Elsewhere it projects every position, prompt and padding included, so that the tile shapes stay
+    fixed for XLA (Neuron) compilers, which CPU does not need: there it would cost the reference pass ~40% against a bare
+    forward. Its torch fallback folds the compact positions as its Triton kernel does; the values are the same.
+    """
+    use_triton = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: device.type not in ("xla", "neuron")
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = use_triton
 
 
 def hash_partitioned_module(module: torch.nn.Module) -> str:
@@ -832,7 +849,8 @@ class PointwiseTrainer(DPOTrainer):
             router_kwargs = {"output_router_logits": output_router_logits} if self._is_moe_model else {}
             # A packed row (`padding_free`) has no attention mask: positions and sequence boundaries confine attention
             model_inputs = {key: inputs[key] for key in MODEL_INPUT_KEYS if key in inputs}
-            outputs = model(labels=labels, fused_lm_head=True, use_cache=False, **model_inputs, **router_kwargs)
+            with compact_fused_lm_head():
+                outputs = model(labels=labels, fused_lm_head=True, use_cache=False, **model_inputs, **router_kwargs)
             token_mask = completion_mask[:, 1:]
             # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
             token_logps = outputs.log_probs[:, -token_mask.size(1) :]
