@@ -674,17 +674,19 @@ class PointwiseTrainer(DPOTrainer):
                 "`padding_free=True` is not supported with prompt-learning PEFT (prompt, prefix or p-tuning): its virtual "
                 "tokens would be prepended once to the packed row rather than to each sample. Set `padding_free=False`."
             )
-        probes = [("reference model", self._reference_inference_model(), self._reference_adapter_context())]
-        if self.ref_model is not None and not self.is_deepspeed_enabled:  # else the policy is not placed yet
-            probes.append(("model", self.model, contextlib.nullcontext()))
+        # Under DeepSpeed the policy is not placed before `train`, and probing it would build an inference engine that
+        # the map stage may not need: not probed there
+        probes = [] if self.is_deepspeed_enabled else [("model", self.model)]
+        if self.ref_model is not None:
+            probes.append(("ref_model", self.ref_model))
         vocab_size = self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size
         tokens = [(7 * i + 3) % vocab_size for i in range(12)]
         probe, other = ({"prompt_ids": ids[:2], "completion_ids": ids[2:]} for ids in (tokens, tokens[::-1]))
         half_precision = self.args.bf16 or self.args.fp16
         tolerance = 1e-2 if half_precision else 1e-5
-        for role, model, adapter_context in probes:
+        for role, model in probes:
             scores = []
-            with torch.no_grad(), adapter_context, self.accelerator.autocast():
+            with torch.no_grad(), self.accelerator.autocast():
                 was_training = model.training
                 model.eval()
                 for examples in ([probe], [other, probe]):  # alone (nothing to leak from), then after another sample
