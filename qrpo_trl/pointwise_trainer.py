@@ -136,7 +136,10 @@ class DataCollatorForPointwise(DataCollatorMixin):
 
     def __post_init__(self):
         if self.padding_free and self.is_encoder_decoder:
-            raise ValueError("`padding_free=True` packs decoder-only sequences; it is not supported for encoder-decoder models.")
+            raise ValueError(
+                "`padding_free=True` packs the samples of a batch into one decoder-only sequence; it is not supported "
+                "for encoder-decoder models. Set `padding_free=False`."
+            )
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         prompt_lengths = np.array([len(example["prompt_ids"]) for example in examples])
@@ -351,11 +354,6 @@ class PointwiseTrainer(DPOTrainer):
         else:
             config = model.config
         self.is_encoder_decoder = config.is_encoder_decoder
-        if args.padding_free and self.is_encoder_decoder:
-            raise ValueError(
-                "`padding_free=True` packs the samples of a batch into one decoder-only sequence; it is not supported "
-                "for encoder-decoder models. Set `padding_free=False`."
-            )
         # Read by the collator setter during DPOTrainer.__init__, which itself disables `padding_free` with a warning
         # (its pairwise collator cannot pack since TRL's DPO refactor): the pointwise collator packs, so DPOTrainer is
         # shown `padding_free=False` while it builds, and the setting is restored after
