@@ -27,7 +27,9 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
+from trl.trainer import utils as trl_utils
 from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import (
     add_fused_lm_head,
     get_config_model_id,
@@ -52,6 +54,14 @@ from .tokenization import template_kwargs, tokenize_pairs
 
 
 logger = get_logger(__name__)
+
+# The decoder-only model inputs of a batch: `input_ids` and `attention_mask` when padded; when packed
+# (`padding_free`), the positions restarting at each sample and the sequence boundaries of the varlen kernels, as
+# TRL's `DataCollatorForLanguageModeling(padding_free=True)` makes them
+MODEL_INPUT_KEYS = (
+    "input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+    "seq_idx",
+)
 
 
 def disable_float_dropout(model: torch.nn.Module) -> None:
@@ -108,6 +118,12 @@ class DataCollatorForPointwise(DataCollatorMixin):
             If set, sequences are padded to a multiple of this value.
         is_encoder_decoder (`bool`, *optional*, defaults to `False`):
             Whether to build encoder inputs and decoder `labels` rather than one decoder-only sequence.
+        padding_free (`bool`, *optional*, defaults to `False`):
+            Decoder-only: pack the truncated samples into one row, as TRL's `DataCollatorForLanguageModeling` does with
+            `padding_free=True`, with no `attention_mask` but `position_ids` restarting at each sample (from which
+            transformers confines attention to each sample) and the sequence boundaries of the varlen kernels. The
+            batch also gets `sample_lengths` (tokens of each sample) and `sample_index` (the sample of each position
+            of the row, padding counted with the last sample), so that per-sample sums need no device sync.
     """
 
     pad_token_id: int
@@ -115,7 +131,15 @@ class DataCollatorForPointwise(DataCollatorMixin):
     truncation_mode: str = "keep_start"
     pad_to_multiple_of: int | None = None
     is_encoder_decoder: bool = False
+    padding_free: bool = False
     return_tensors: str = "pt"
+
+    def __post_init__(self):
+        if self.padding_free and self.is_encoder_decoder:
+            raise ValueError(
+                "`padding_free=True` packs the samples of a batch into one decoder-only sequence; it is not supported "
+                "for encoder-decoder models. Set `padding_free=False`."
+            )
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         prompt_lengths = np.array([len(example["prompt_ids"]) for example in examples])
@@ -152,6 +176,8 @@ class DataCollatorForPointwise(DataCollatorMixin):
                 "attention_mask": self._span_mask(0, kept_prompt, input_ids.size(1)),
                 "labels": self._padded(targets, -100),
             }
+        elif self.padding_free:
+            batch = self._packed(windows, kept_prompt)
         else:
             input_ids = self._padded(windows, self.pad_token_id)
             batch = {
@@ -163,6 +189,22 @@ class DataCollatorForPointwise(DataCollatorMixin):
             if isinstance(value, Number) and key not in batch:
                 batch[key] = torch.tensor([example[key] for example in examples], dtype=torch.float32)
         return batch
+
+    def _packed(self, windows: list[list[int]], kept_prompt: np.ndarray) -> dict[str, torch.Tensor]:
+        """One packed row, by TRL's padding-free collator; the completion tokens are its `labels`."""
+        packer = DataCollatorForLanguageModeling(
+            pad_token_id=self.pad_token_id, padding_free=True, pad_to_multiple_of=self.pad_to_multiple_of
+        )
+        packed = packer(
+            [{"input_ids": w, "labels": [-100] * p + w[p:]} for w, p in zip(windows, kept_prompt, strict=True)]
+        )
+        # TRL masks each sample's first label: scored by the previous sample's last position, as a padded batch never
+        # scores a row's first token
+        completion_mask = (packed.pop("labels") != -100).long()
+        sample_lengths = torch.tensor([len(w) for w in windows])
+        sample_index = torch.full_like(completion_mask, len(windows) - 1)
+        sample_index[0, : int(sample_lengths.sum())] = torch.repeat_interleave(torch.arange(len(windows)), sample_lengths)
+        return {**packed, "completion_mask": completion_mask, "sample_lengths": sample_lengths, "sample_index": sample_index}
 
     def _padded(self, rows: list[list[int]], value: int) -> torch.Tensor:
         # Rows copied into one preallocated array: a tensor per row from its Python list, then padded, costs ~10x more
@@ -179,6 +221,22 @@ class DataCollatorForPointwise(DataCollatorMixin):
         """A `(len(end), width)` mask, 1 where `begin[i] <= j < end[i]` in row i."""
         positions = np.arange(width)
         return torch.from_numpy((positions >= np.asarray(begin)[..., None]) & (positions < end[:, None])).long()
+
+
+@contextlib.contextmanager
+def compact_fused_lm_head():
+    """
+    Make TRL's fused LM head project only the scored (completion) positions on every device but XLA ones, as it does on
+    Triton devices. Elsewhere it projects every position, prompt and padding included, so that the tile shapes stay
+    fixed for XLA (Neuron) compilers, which CPU does not need: there it would cost the reference pass ~40% against a bare
+    forward. Its torch fallback folds the compact positions as its Triton kernel does; the values are the same.
+    """
+    use_triton = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: device.type not in ("xla", "neuron")
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = use_triton
 
 
 def hash_partitioned_module(module: torch.nn.Module) -> str:
@@ -281,6 +339,7 @@ class PointwiseTrainer(DPOTrainer):
             raise ValueError(f"{type(self).__name__} does not support vision-language datasets ('image' or 'images').")
         self._train_statistics = None
         self._fused_lm_head_restricted = False
+        self._padding_free_checked = False
         self._eval_pair_rewards = []
         # Loaded before anything else, so that a reward model that cannot be loaded fails first
         self._reward_functions = None
@@ -295,20 +354,29 @@ class PointwiseTrainer(DPOTrainer):
         else:
             config = model.config
         self.is_encoder_decoder = config.is_encoder_decoder
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        # Read by the collator setter during DPOTrainer.__init__, which itself disables `padding_free` with a warning
+        # (its pairwise collator cannot pack since TRL's DPO refactor): the pointwise collator packs, so DPOTrainer is
+        # shown `padding_free=False` while it builds, and the setting is restored after
+        self._padding_free = args.padding_free
+        args.padding_free = False
+        try:
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        finally:
+            args.padding_free = self._padding_free
+        self.padding_free = self._padding_free
         if args.disable_dropout:
             # DPOTrainer's `disable_dropout_in_model` only reaches `nn.Dropout` modules, not the attention dropout T5
             # keeps in a float: training forwards and an on-the-fly reference (LoRA adapters off) would stay random
@@ -346,6 +414,7 @@ class PointwiseTrainer(DPOTrainer):
                 truncation_mode=collator.truncation_mode,
                 pad_to_multiple_of=collator.pad_to_multiple_of,
                 is_encoder_decoder=self.is_encoder_decoder,
+                padding_free=self._padding_free,
             )
         self._data_collator = collator
 
@@ -543,6 +612,7 @@ class PointwiseTrainer(DPOTrainer):
         reference log-probabilities `ref_logps`, as columns of `dataset`.
         """
         self._restrict_fused_lm_head()
+        self._check_padding_free()
         if isinstance(dataset, IterableDataset) or "target" in dataset.column_names:
             return dataset  # a streamed dataset gets its targets batch by batch (`_prepare_streamed_dataset`)
         if "completion_ids" not in dataset.column_names:  # left raw by `_prepare_dataset` for the reference stage
@@ -583,6 +653,57 @@ class PointwiseTrainer(DPOTrainer):
         if self.ref_model is not None and temperature != 1.0:  # DPOTrainer patched it at temperature 1
             add_fused_lm_head(self.accelerator.unwrap_model(self.ref_model), temperature=temperature)
         self._fused_lm_head_restricted = True
+
+    def _check_padding_free(self) -> None:
+        """
+        With `padding_free=True`, raise a ValueError for a model that cannot score a packed row sample by sample.
+
+        transformers confines attention to each packed sample from `position_ids` in the masks it builds for `eager`,
+        `sdpa` and `flex_attention` (`find_packed_sequence_indices`), and flash attention runs its varlen path; but a
+        model can build its masks without the positions (GPT-OSS does) and custom implementations may ignore them. So
+        each model that will score packed rows is probed once, before the first pass: a sample must get the same
+        log-probability alone and packed after another sample, which attention leaking from one into the other breaks
+        (within 1e-5 relative, 1e-2 in half precision).
+        """
+        if not self._padding_free or self._padding_free_checked:
+            return
+        if self._is_peft_policy and self.accelerator.unwrap_model(self.model).active_peft_config.is_prompt_learning:
+            raise ValueError(
+                "`padding_free=True` is not supported with prompt-learning PEFT (prompt, prefix or p-tuning): its virtual "
+                "tokens would be prepended once to the packed row rather than to each sample. Set `padding_free=False`."
+            )
+        # Under DeepSpeed the policy is not placed before `train`, and probing it would build an inference engine that
+        # the map stage may not need: not probed there
+        probes = [] if self.is_deepspeed_enabled else [("model", self.model)]
+        if self.ref_model is not None:
+            probes.append(("ref_model", self.ref_model))
+        vocab_size = self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size
+        tokens = [(7 * i + 3) % vocab_size for i in range(12)]
+        probe, other = ({"prompt_ids": ids[:2], "completion_ids": ids[2:]} for ids in (tokens, tokens[::-1]))
+        half_precision = self.args.bf16 or self.args.fp16
+        tolerance = 1e-2 if half_precision else 1e-5
+        for role, model in probes:
+            scores = []
+            with torch.no_grad(), self.accelerator.autocast():
+                was_training = model.training
+                model.eval()
+                for examples in ([probe], [other, probe]):  # alone (nothing to leak from), then after another sample
+                    batch = self.data_collator(examples)
+                    batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    scores.append(self._sequence_logps(model, batch)[0][-1].item())
+                model.train(was_training)
+            alone, packed = scores
+            if abs(alone - packed) > tolerance * max(1.0, abs(alone)):
+                implementation = self.accelerator.unwrap_model(model).config._attn_implementation
+                raise ValueError(
+                    f"`padding_free=True` needs attention confined to each packed sample, and the {role} "
+                    f"({type(self.accelerator.unwrap_model(model)).__name__} with attn_implementation="
+                    f"{implementation!r}) does not confine it: a sample scores {alone:.6g} alone and {packed:.6g} "
+                    "packed after another one. transformers confines it for 'sdpa', 'eager' and 'flex_attention' in "
+                    "models that build their masks from `position_ids`, and with flash attention. Set "
+                    "`padding_free=False` or use another attention implementation."
+                )
+        self._padding_free_checked = True
 
     @property
     def _logits_temperature(self) -> float:
@@ -726,21 +847,23 @@ class PointwiseTrainer(DPOTrainer):
             completion_mask = inputs["completion_mask"]
             labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
             router_kwargs = {"output_router_logits": output_router_logits} if self._is_moe_model else {}
-            outputs = model(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                labels=labels,
-                fused_lm_head=True,
-                use_cache=False,
-                **router_kwargs,
-            )
+            # A packed row (`padding_free`) has no attention mask: positions and sequence boundaries confine attention
+            model_inputs = {key: inputs[key] for key in MODEL_INPUT_KEYS if key in inputs}
+            with compact_fused_lm_head():
+                outputs = model(labels=labels, fused_lm_head=True, use_cache=False, **model_inputs, **router_kwargs)
             token_mask = completion_mask[:, 1:]
             # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
             token_logps = outputs.log_probs[:, -token_mask.size(1) :]
             aux_loss = outputs.aux_loss if output_router_logits else None
-        logps = token_logps.sum(dim=1)
+        if "sample_index" in inputs:  # one packed row (`padding_free`): sum each sample's segment, label t+1 scored at t
+            sample_index = inputs["sample_index"][0, 1:]
+            num_samples = inputs["sample_lengths"].size(0)
+            logps = token_logps.new_zeros(num_samples).index_add(0, sample_index, token_logps[0])
+            num_scored = token_mask.new_zeros(num_samples).index_add(0, sample_index, token_mask[0])
+        else:
+            logps, num_scored = token_logps.sum(dim=1), token_mask.sum(dim=1)
         if self.args.logps_normalization == "mean":
-            logps = logps / token_mask.sum(dim=1).clamp(min=1)
+            logps = logps / num_scored.clamp(min=1)
         return logps, aux_loss
 
     @cached_property
@@ -749,7 +872,7 @@ class PointwiseTrainer(DPOTrainer):
         return hasattr(self.model.config.get_text_config(), "output_router_logits")
 
     def compute_ref_log_probs(self, model, inputs) -> torch.Tensor:
-        """Reference log-probabilities of a padded batch: `model` without gradients, PEFT adapters disabled if no ref_model."""
+        """Reference log-probabilities of a batch: `model` without gradients, PEFT adapters disabled if no ref_model."""
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
@@ -786,7 +909,7 @@ class PointwiseTrainer(DPOTrainer):
         }
         if aux_loss is not None:  # one value per process, gathered with the per-sample statistics
             statistics["aux_loss"] = aux_loss.expand_as(logps)
-        num_tokens = inputs["attention_mask"].sum(dim=1)
+        num_tokens = inputs["sample_lengths"] if "sample_lengths" in inputs else inputs["attention_mask"].sum(dim=1)
         if self.is_encoder_decoder:  # the decoder's tokens too
             num_tokens = num_tokens + (inputs["labels"] != -100).sum(dim=1)
         stacked = torch.stack([value.detach().float() for value in (*statistics.values(), num_tokens)], dim=1)
@@ -804,10 +927,10 @@ class PointwiseTrainer(DPOTrainer):
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
         if return_outputs:  # `compute_metrics` needs logits, which the fused LM head does not build
-            model_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask")}
+            model_inputs = {key: inputs[key] for key in MODEL_INPUT_KEYS if key in inputs}
             if self.is_encoder_decoder:
                 model_inputs["labels"] = inputs["labels"]  # the decoder target, from which its inputs are built
-            with torch.no_grad():
-                outputs = model(**model_inputs)
+            with torch.no_grad():  # no cache: with one, transformers would not confine attention in a packed row
+                outputs = model(**model_inputs, use_cache=False)
             return loss, outputs
         return loss

@@ -9,17 +9,19 @@ ratio's spread (min and max of the per-repeat ratios).
 
 1. Training time per completion: QRPO on N pointwise completions vs TRL's DPOTrainer on the N/2 pairs they come from,
    with the same number of sequences per step, reference log-probs precomputed for both; DPO also with its reference
-   model in memory (`precompute_ref_log_probs=False`). QRPO runs with the default random sampler and with
-   `train_sampling_strategy="group_by_length"`. Target: <= 0.9.
+   model in memory (`precompute_ref_log_probs=False`). QRPO runs with the default random sampler, with
+   `train_sampling_strategy="group_by_length"`, and with `padding_free=True` (each batch packed into one row).
+   Target: <= 0.9 (padding-free: <= 0.5 against DPO with precomputed reference log-probs).
 2. Throughput of the reference map stage's forward pass (`_reference_logps`: batching, collation, fused LM head, gather,
    dataset order restored) vs a bare `torch.inference_mode()` forward of the same model over the same batches. Target:
-   >= 0.9. Also vs the bare forward over batches in dataset order, as a plain loop over the dataset would run it.
+   >= 0.9. Also vs the bare forward over batches in dataset order, as a plain loop over the dataset would run it; and
+   the padding-free reference pass vs a bare forward over the same packed rows.
 3. Peak memory of a QRPO training step (forward + backward) vs an SFT step of TRL's SFTTrainer (completion-only loss)
    on the same batch, target <= 1.1; and vs a bare `model(..., labels=...)` loss, which builds the full logits. On CPU
    it is the peak of the bytes held by live tensors while the step runs, weights and gradients included, counted op by
    op by torch's `MemTracker` (a dispatch mode: tensor allocations only, like tracemalloc, so the allocator's caching
    and fragmentation and the Python heap do not count); on CUDA, `torch.cuda.max_memory_allocated`.
-4. Padding waste: the fraction of padded positions in the batches each contender builds.
+4. Padding waste: the fraction of padded positions in the batches each contender builds (0 when packed).
 
 With `--device cuda` the table also gives tokens/s and MFU: FLOPs are 6 * N * tokens for a training step (8 * N * tokens
 with DPO's reference forward) and 2 * N * tokens for the reference pass, where N counts the weights used in matmuls
@@ -65,6 +67,7 @@ from transformers.utils import logging as transformers_logging  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from qrpo_trl import QRPOConfig, QRPOTrainer  # noqa: E402
+from qrpo_trl.pointwise_trainer import MODEL_INPUT_KEYS  # noqa: E402
 
 
 @dataclass
@@ -246,10 +249,15 @@ def peak_memory(device: torch.device, step, *tracked) -> int:
     return tracker.get_tracker_snapshot("peak")[device]["Total"]
 
 
+def batch_tokens(batch) -> int:
+    """Real (non-padding) tokens of a padded batch (its `attention_mask`) or a packed one (its `sample_lengths`)."""
+    return int(batch["sample_lengths"].sum() if "sample_lengths" in batch else batch["attention_mask"].sum())
+
+
 def padding_waste(batches) -> float:
-    """Fraction of the positions of `batches` (dicts with an `attention_mask`) that are padding."""
-    masks = [batch["attention_mask"] for batch in batches]
-    return 1 - sum(int(mask.sum()) for mask in masks) / sum(mask.numel() for mask in masks)
+    """Fraction of the positions of `batches` (padded with an `attention_mask`, or packed) that are padding."""
+    positions = sum(batch.get("attention_mask", batch.get("input_ids")).numel() for batch in batches)
+    return 1 - sum(batch_tokens(batch) for batch in batches) / positions
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -288,6 +296,9 @@ def benchmark_training(args, device, model_path, dataset, workdir) -> tuple[dict
             args=trainer_args(QRPOConfig, args, workdir, train_sampling_strategy="group_by_length"),
             train_dataset=dataset,
         ),
+        "QRPO, padding_free": QRPOTrainer(
+            model=model_path, args=trainer_args(QRPOConfig, args, workdir, padding_free=True), train_dataset=dataset
+        ),
         "DPO, precomputed reference": DPOTrainer(
             model=model_path,
             args=trainer_args(
@@ -321,8 +332,8 @@ def benchmark_training(args, device, model_path, dataset, workdir) -> tuple[dict
 
     seconds = interleaved({name: (lambda name=name: run(name)) for name in trainers}, args.warmup, args.repeats)
     num_completions = len(trainers["QRPO"].train_dataset)
-    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches["QRPO"])
-    dpo_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches["DPO, precomputed reference"])
+    tokens = sum(batch_tokens(batch) for batch in batches["QRPO"])
+    dpo_tokens = sum(batch_tokens(batch) for batch in batches["DPO, precomputed reference"])
     n = matmul_parameters(trainers["QRPO"].model)
     results = {"num_completions": num_completions, "tokens": tokens, "same_tokens_as_dpo": tokens == dpo_tokens}
     for name, values in seconds.items():
@@ -338,41 +349,50 @@ def benchmark_training(args, device, model_path, dataset, workdir) -> tuple[dict
         results[name] = {"unsupported": error}
     ratios = {
         f"{qrpo} / {dpo}": ratio(seconds[qrpo], seconds[dpo])
-        for qrpo in ("QRPO", "QRPO, group_by_length")
+        for qrpo in ("QRPO", "QRPO, group_by_length", "QRPO, padding_free")
         for dpo in ("DPO, precomputed reference", "DPO, reference model")
         if qrpo in seconds
     }
     waste = {name: padding_waste(contender_batches) for name, contender_batches in batches.items()}
-    return results, ratios, waste, trainers["QRPO"]
+    return results, ratios, waste, trainers["QRPO"], trainers["QRPO, padding_free"]
 
 
-def benchmark_reference_pass(args, device, trainer) -> tuple[dict, dict, dict]:
-    """The map stage's forward (`_reference_logps`) vs a bare forward over the batches it builds and in dataset order."""
-    dataset = trainer.train_dataset.select_columns(["prompt_ids", "completion_ids"])
-    batch_size = trainer.args.precompute_ref_batch_size or trainer.args.per_device_train_batch_size
-    model = trainer.model
-
+def recorded_batches(trainer, dataset, batch_size) -> list[dict]:
+    """The model inputs of the batches the map stage's reference pass builds, recorded over one pass."""
     recorded = []
     compute_ref_log_probs = trainer.compute_ref_log_probs
 
     def recording(model, inputs):
-        recorded.append({key: inputs[key] for key in ("input_ids", "attention_mask")})
+        recorded.append({key: value for key, value in inputs.items() if key in MODEL_INPUT_KEYS + ("sample_lengths",)})
         return compute_ref_log_probs(model, inputs)
 
-    trainer.compute_ref_log_probs = recording  # one pass to see the batches the map stage builds
+    trainer.compute_ref_log_probs = recording
     trainer._reference_logps(dataset, "benchmark", batch_size)
     del trainer.compute_ref_log_probs
+    return recorded
+
+
+def benchmark_reference_pass(args, device, trainer, packing_trainer) -> tuple[dict, dict, dict]:
+    """
+    The map stage's forward (`_reference_logps`) vs a bare forward over the batches it builds and in dataset order; and
+    packed (`padding_free`) vs a bare forward over the same packed rows.
+    """
+    dataset = trainer.train_dataset.select_columns(["prompt_ids", "completion_ids"])
+    batch_size = trainer.args.precompute_ref_batch_size or trainer.args.per_device_train_batch_size
+    model = trainer.model
+    recorded = recorded_batches(trainer, dataset, batch_size)
+    packed = recorded_batches(packing_trainer, dataset, batch_size)
     in_order = [
         trainer.data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         for start in range(0, len(dataset), batch_size)
     ]
     in_order = [{key: batch[key].to(device) for key in ("input_ids", "attention_mask")} for batch in in_order]
 
-    def bare(batches):
+    def bare(batches, model=model):
         model.eval()
         with torch.inference_mode():
             for batch in batches:
-                model(**batch, use_cache=False)
+                model(**{key: value for key, value in batch.items() if key != "sample_lengths"}, use_cache=False)
         model.train()
 
     seconds = interleaved(
@@ -380,11 +400,15 @@ def benchmark_reference_pass(args, device, trainer) -> tuple[dict, dict, dict]:
             "reference pass": lambda: timed(lambda: trainer._reference_logps(dataset, "benchmark", batch_size), device),
             "bare forward, same batches": lambda: timed(lambda: bare(recorded), device),
             "bare forward, dataset order": lambda: timed(lambda: bare(in_order), device),
+            "reference pass, padding_free": lambda: timed(
+                lambda: packing_trainer._reference_logps(dataset, "benchmark", batch_size), device
+            ),
+            "bare forward, same packed rows": lambda: timed(lambda: bare(packed, packing_trainer.model), device),
         },
         args.warmup,
         args.reference_repeats,
     )
-    tokens = sum(int(batch["attention_mask"].sum()) for batch in recorded)
+    tokens = sum(batch_tokens(batch) for batch in recorded)
     n = matmul_parameters(model)
     results = {"num_completions": len(dataset), "tokens": tokens}
     for name, values in seconds.items():
@@ -400,7 +424,17 @@ def benchmark_reference_pass(args, device, trainer) -> tuple[dict, dict, dict]:
         f"reference pass / {name}": ratio(seconds[name], seconds["reference pass"])
         for name in ("bare forward, same batches", "bare forward, dataset order")
     }
-    waste = {"reference pass": padding_waste(recorded), "reference pass, dataset order": padding_waste(in_order)}
+    ratios["reference pass, padding_free / bare forward, same packed rows"] = ratio(
+        seconds["bare forward, same packed rows"], seconds["reference pass, padding_free"]
+    )
+    ratios["reference pass, padding_free / reference pass"] = ratio(
+        seconds["reference pass"], seconds["reference pass, padding_free"]
+    )
+    waste = {
+        "reference pass": padding_waste(recorded),
+        "reference pass, dataset order": padding_waste(in_order),
+        "reference pass, padding_free": padding_waste(packed),
+    }
     return results, ratios, waste
 
 
@@ -463,14 +497,16 @@ def benchmark_memory(args, device, model_path, qrpo, workdir) -> tuple[dict, dic
 
 TARGETS = {
     "training": ("<=", 0.9),
+    "QRPO, padding_free / DPO, precomputed reference": ("<=", 0.5),
     "reference pass / bare forward, same batches": (">=", 0.9),
+    "reference pass, padding_free / bare forward, same packed rows": (">=", 0.9),
     "QRPO / SFTTrainer": ("<=", 1.1),
 }
 
 
 def meets(name, value):
     for key, (sense, bound) in TARGETS.items():
-        if name == key or (key == "training" and name.startswith("QRPO") and " / DPO" in name):
+        if name == key or (key == "training" and name.startswith("QRPO") and " / DPO" in name and name not in TARGETS):
             return value <= bound if sense == "<=" else value >= bound
     return None
 
@@ -511,9 +547,11 @@ def main(argv: list[str] | None = None) -> dict:
         save_model(args, tokenizer, model_path)
         dataset = build_dataset(args)
         progress("1/3 training")
-        training, training_ratios, training_waste, qrpo = benchmark_training(args, device, model_path, dataset, workdir)
+        training, training_ratios, training_waste, qrpo, packing_qrpo = benchmark_training(
+            args, device, model_path, dataset, workdir
+        )
         progress(f"2/3 reference pass ({time.perf_counter() - start:.0f} s)")
-        reference, reference_ratios, reference_waste = benchmark_reference_pass(args, device, qrpo)
+        reference, reference_ratios, reference_waste = benchmark_reference_pass(args, device, qrpo, packing_qrpo)
         progress(f"3/3 memory ({time.perf_counter() - start:.0f} s)")
         memory, memory_ratios = benchmark_memory(args, device, model_path, qrpo, workdir)
     results = {

@@ -116,3 +116,28 @@ def test_train_moe_lora_reference_adds_no_aux_loss(tiny_moe_path, tmp_path):
         for name, param in trainer.model.named_parameters():
             assert torch.equal(param, before[name]) != ("lora_" in name), name
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_padding_free_moe_loss_and_aux_loss_equal_padded(tiny_moe_path, tmp_path):
+    """Packed (`padding_free`), the router loss counts the same tokens as the padded batch's attention mask; a model
+    that cannot confine attention to each packed sample is refused."""
+    dataset = Dataset.from_dict(pointwise_rows())
+    if "gpt_oss" in tiny_moe_path:
+        # GPT-OSS builds its eager masks without `position_ids`: attention would leak across packed samples
+        args = make_args(QRPOConfig, tmp_path, padding_free=True)
+        with pytest.raises(ValueError, match="does not confine it"):
+            QRPOTrainer(model=tiny_moe_path, args=args, train_dataset=dataset)
+        return
+    results = []
+    for padding_free in (False, True):
+        args = make_args(QRPOConfig, tmp_path / str(padding_free), padding_free=padding_free, router_aux_loss_coef=10.0)
+        trainer = QRPOTrainer(model=tiny_moe_path, args=args, train_dataset=dataset)
+        batch = trainer._prepare_inputs(trainer.data_collator(list(trainer.train_dataset.select(range(6)))))
+        assert ("attention_mask" in batch) != padding_free
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        results.append((loss.item(), trainer._metrics["train"]["aux_loss"][-1], trainer.train_dataset["ref_logps"]))
+    (padded_loss, padded_aux, padded_ref), (packed_loss, packed_aux, packed_ref) = results
+    assert packed_aux == pytest.approx(padded_aux, rel=1e-5)
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    assert packed_ref == pytest.approx(padded_ref, rel=1e-5, abs=1e-5)

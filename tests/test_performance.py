@@ -134,6 +134,10 @@ def test_padding_waste_counts_padded_positions():
     benchmark = load_benchmark()
     batches = [{"attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])}, {"attention_mask": torch.tensor([[1, 0, 0, 0]])}]
     assert benchmark.padding_waste(batches) == pytest.approx(4 / 10)
+    packed = DataCollatorForPointwise(pad_token_id=0, padding_free=True, pad_to_multiple_of=8)(
+        [{"prompt_ids": [1, 2], "completion_ids": [3]}, {"prompt_ids": [4], "completion_ids": [5, 6]}]
+    )
+    assert benchmark.padding_waste([packed]) == pytest.approx(2 / 8)
 
 
 @pytest.mark.slow
@@ -143,15 +147,26 @@ def test_benchmark_quick_run_writes_its_figures(tmp_path):
     results = json.loads(output.read_text())
     training = results["training"]
     assert training["contenders"]["same_tokens_as_dpo"]
-    for name in ("QRPO", "QRPO, group_by_length", "DPO, precomputed reference", "DPO, reference model"):
+    for name in ("QRPO", "QRPO, group_by_length", "QRPO, padding_free", "DPO, precomputed reference", "DPO, reference model"):
         assert training["contenders"][name]["seconds_per_completion"] > 0
     expected = {
-        "training": {f"{q} / {d}" for q in ("QRPO", "QRPO, group_by_length") for d in ("DPO, precomputed reference", "DPO, reference model")},
-        "reference_pass": {"reference pass / bare forward, same batches", "reference pass / bare forward, dataset order"},
+        "training": {
+            f"{q} / {d}"
+            for q in ("QRPO", "QRPO, group_by_length", "QRPO, padding_free")
+            for d in ("DPO, precomputed reference", "DPO, reference model")
+        },
+        "reference_pass": {
+            "reference pass / bare forward, same batches",
+            "reference pass / bare forward, dataset order",
+            "reference pass, padding_free / bare forward, same packed rows",
+            "reference pass, padding_free / reference pass",
+        },
         "memory": {"QRPO / SFTTrainer", "QRPO / bare loss (full logits)"},
     }
     for section, names in expected.items():
         assert set(results[section]["ratios"]) == names
         assert all(value["ratio"] > 0 for value in results[section]["ratios"].values())
     assert all(0 <= value < 1 for value in results["padding_waste"].values())
+    assert results["padding_waste"]["training: QRPO, padding_free"] == 0
+    assert results["padding_waste"]["reference pass, padding_free"] == 0
     assert results["memory"]["contenders"]["QRPO"]["peak_bytes"] > 0
