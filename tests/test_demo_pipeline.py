@@ -27,7 +27,12 @@ def check_policy_figures(figures: dict, num_prompts: int, num_samples: int):
     low, high = figures["reward_difference_ci95"]
     assert low <= figures["reward_difference"] <= high
     assert 0 <= figures["win_rate"] <= 1
-    assert math.isfinite(figures["kl"]) and figures["mean_words"] >= 0
+    assert figures["mean_words"] >= 0
+    # The KL estimates: the exact next-token KL is >= 0 per sample; no estimate is below 0 beyond its interval
+    assert figures["kl"] >= 0 and figures["kl_per_token"] >= 0
+    for name in ["kl", "kl_log_ratio", "kl_per_token"]:
+        low, high = figures[f"{name}_ci95"]
+        assert math.isfinite(figures[name]) and low <= figures[name] <= high and high >= 0, (name, figures)
     assert set(figures["rule_scores"]) >= {"keyword", "max_words", "gate"}
 
 
