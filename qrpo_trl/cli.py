@@ -31,6 +31,7 @@ COMMANDS = {
     "qrpo": "Train with QRPO (Quantile Reward Policy Optimization)",
     "rpo": "Train with RPO (Reward Partitioning Optimization)",
     "precompute": "Sample reference completions and score them with reward functions (the reference stage)",
+    "offpolicy": "Build the QRPO paper's off-policy pairs from a dataset's reference completions",
 }
 
 # Shipped accelerate configs (for GPUs; see `--use_cpu` for a CPU-only machine)

@@ -4,14 +4,17 @@ Accepted formats (standard text or conversational, like TRL):
 
 - pointwise: `prompt`, `completion`, `reward`;
 - paired with scores: `prompt`, `chosen`, `rejected` with `chosen_reward`/`rejected_reward` (or UltraFeedback's
-  `score_chosen`/`score_rejected`); each pair becomes two pointwise rows, as in the official QRPO code. Conversational
-  pairs without a `prompt` column get it extracted from the shared start of `chosen` and `rejected`.
+  `score_chosen`/`score_rejected`, or the official QRPO datasets' `chosen_rewards`/`rejected_rewards`); each pair
+  becomes two pointwise rows, as in the official QRPO code, or one of them (`paired_samples`). Conversational pairs
+  without a `prompt` column get it extracted from the shared start of `chosen` and `rejected`.
 
-A trainer may need reference columns on top (QRPO: `ref_rewards` or `quantile_reward`).
+A trainer may need reference columns on top (QRPO: `ref_rewards` or `quantile_reward`). Reference log-probabilities
+may come with the data: `ref_logps` (pointwise) or `ref_chosen_logps`/`ref_rejected_logps` (paired, DPOTrainer's names).
 
 Validation reads the raw columns before anything is mapped, so a bad dataset fails before any cache file is written.
 """
 
+import hashlib
 import json
 
 import numpy as np
@@ -22,8 +25,15 @@ from trl.data_utils import extract_prompt
 
 
 POINTWISE_COLUMNS = ("prompt", "completion", "reward")
+PAIRED_SAMPLES = ("both", "chosen", "rejected", "random")
+PAIRED_REF_LOGPS_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 PAIRED_COLUMNS = ("chosen", "rejected")
-PAIRED_REWARD_COLUMNS = (("chosen_reward", "rejected_reward"), ("score_chosen", "score_rejected"))
+# The reward columns of paired data: ours, UltraFeedback's, and the official QRPO datasets'
+PAIRED_REWARD_COLUMNS = (
+    ("chosen_reward", "rejected_reward"),
+    ("score_chosen", "score_rejected"),
+    ("chosen_rewards", "rejected_rewards"),
+)
 
 
 def describe_formats(reference_columns: tuple[str, ...] = ()) -> str:
@@ -151,30 +161,99 @@ def prompt_groups(dataset: Dataset) -> np.ndarray:
     return np.array([labels.setdefault(key, len(labels)) for key in keys], dtype=np.int64)
 
 
-def to_pointwise(dataset: Dataset, dataset_name: str, map_kwargs: dict) -> Dataset:
+def check_ref_logps(dataset: Dataset, dataset_name: str) -> None:
+    """Reference log-probabilities given with the data (`ref_logps`, or both paired columns) are finite numbers."""
+    columns = dataset.column_names
+    paired = [column for column in PAIRED_REF_LOGPS_COLUMNS if column in columns]
+    if "completion" not in columns and "ref_logps" in columns:
+        raise ValueError(
+            f"The {dataset_name} dataset is paired and has a single 'ref_logps' column, which cannot belong to both "
+            "completions of a pair: give 'ref_chosen_logps' and 'ref_rejected_logps'."
+        )
+    if "completion" not in columns and len(paired) == 1:
+        raise ValueError(
+            f"The {dataset_name} dataset has '{paired[0]}' but not "
+            f"'{(set(PAIRED_REF_LOGPS_COLUMNS) - set(paired)).pop()}': give the reference log-probabilities of both "
+            "completions of each pair, or neither."
+        )
+    for column in ("ref_logps",) if "completion" in columns else paired:
+        if column in columns:
+            float_column(dataset, column, dataset_name)
+
+
+def completion_groups(dataset: Dataset, groups: np.ndarray) -> np.ndarray:
+    """A label per row of a tokenised dataset, equal for rows with the same prompt group and completion tokens."""
+    labels = {}
+    keys = zip(groups.tolist(), map(tuple, dataset.with_format("arrow")["completion_ids"].to_pylist()), strict=True)
+    return np.array([labels.setdefault(key, len(labels)) for key in keys], dtype=np.int64)
+
+
+def to_pointwise(
+    dataset: Dataset, dataset_name: str, map_kwargs: dict, paired_samples: str = "both", seed: int = 0
+) -> Dataset:
     """
     Pointwise rows (`prompt`, `completion`, `reward` and the other columns) from a pointwise or paired dataset.
 
-    A pair becomes two consecutive rows (chosen, then rejected) that share the pair's other columns; the pairing is not
-    used by the loss.
+    A pair becomes two consecutive rows (chosen, then rejected) that share the pair's other columns, or only one of them
+    with `paired_samples="chosen"`, `"rejected"` or `"random"` (drawn per pair from `seed` and the pair's index). Each
+    row keeps the index of its pair (`pair_index`) and whether it is the chosen completion (`is_chosen`), from which
+    evaluation reports DPO's pair metrics; the loss does not use the pairing. `ref_chosen_logps`/`ref_rejected_logps`
+    become `ref_logps`.
     """
+    if paired_samples not in PAIRED_SAMPLES:
+        choices = ", ".join(map(repr, PAIRED_SAMPLES))
+        raise ValueError(f"Unknown `paired_samples` {paired_samples!r}; expected one of {choices}.")
     if "completion" in dataset.column_names:
+        if paired_samples != "both":
+            raise ValueError(
+                f"paired_samples={paired_samples!r} selects completions of pairs, but the {dataset_name} dataset is "
+                "pointwise (it has a `completion` column): leave `paired_samples='both'`."
+            )
         return dataset
-    if "prompt" not in dataset.column_names:
-        dataset = dataset.map(extract_prompt, desc=f"Extracting prompt from {dataset_name} dataset", **map_kwargs)
-    chosen_reward, rejected_reward = paired_reward_columns(dataset.column_names)
-    paired = ("chosen", "rejected", chosen_reward, rejected_reward)
-
-    def unpair(batch):
-        rows = {key: [value for value in values for _ in range(2)] for key, values in batch.items() if key not in paired}
-        rows["completion"] = [c for pair in zip(batch["chosen"], batch["rejected"], strict=True) for c in pair]
-        rows["reward"] = [r for pair in zip(batch[chosen_reward], batch[rejected_reward], strict=True) for r in pair]
-        return rows
-
     return dataset.map(
-        unpair,
+        pointwise_batch,
         batched=True,
+        with_indices=True,
+        fn_kwargs={"paired_samples": paired_samples, "seed": seed},
         remove_columns=dataset.column_names,
         desc=f"Unpairing {dataset_name} dataset into pointwise samples",
         **map_kwargs,
     )
+
+
+def pointwise_batch(batch: dict[str, list], indices: list[int], paired_samples: str = "both", seed: int = 0):
+    """`to_pointwise` for one batch (a dict of columns) of rows `indices`; also used on a streamed dataset's batches."""
+    if "completion" in batch:
+        return batch
+    if "prompt" not in batch:  # conversational pairs: the prompt is the shared start of chosen and rejected
+        pairs = zip(batch["chosen"], batch["rejected"], strict=True)
+        examples = [extract_prompt({"chosen": chosen, "rejected": rejected}) for chosen, rejected in pairs]
+        batch = {**batch, **{key: [example[key] for example in examples] for key in ("prompt", "chosen", "rejected")}}
+    per_completion = {"completion": PAIRED_COLUMNS, "reward": paired_reward_columns(list(batch))}
+    if all(column in batch for column in PAIRED_REF_LOGPS_COLUMNS):
+        per_completion["ref_logps"] = PAIRED_REF_LOGPS_COLUMNS
+    paired = {column for pair in per_completion.values() for column in pair}
+    # Per pair, whether each kept completion is the chosen one
+    flags = [_kept_completions(paired_samples, seed, index) for index in indices]
+    rows = {
+        key: [value for value, kept in zip(values, flags, strict=True) for _ in kept]
+        for key, values in batch.items()
+        if key not in paired
+    }
+    for column, (chosen_column, rejected_column) in per_completion.items():
+        rows[column] = [
+            chosen if is_chosen else rejected
+            for chosen, rejected, kept in zip(batch[chosen_column], batch[rejected_column], flags, strict=True)
+            for is_chosen in kept
+        ]
+    rows["pair_index"] = [index for index, kept in zip(indices, flags, strict=True) for _ in kept]
+    rows["is_chosen"] = [int(is_chosen) for kept in flags for is_chosen in kept]
+    return rows
+
+
+def _kept_completions(paired_samples: str, seed: int, index: int) -> tuple[bool, ...]:
+    if paired_samples == "both":
+        return (True, False)
+    if paired_samples == "random":  # a hash of (seed, pair): the same draw whatever the batching or the streaming
+        return (bool(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=1).digest()[0] & 1),)
+    return (paired_samples == "chosen",)

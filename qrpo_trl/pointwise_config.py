@@ -5,8 +5,12 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from .data_utils import PAIRED_SAMPLES
 from .reference_config import ReferenceStageFields
 from .targets import LOGPS_NORMALIZATIONS
+
+
+REGRESSION_LOSSES = ("mse", "mae")
 
 
 # DPOConfig fields that shape DPO's pairwise loss or move its reference model: a pointwise trainer has one loss and a
@@ -45,6 +49,17 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
             How the completion-token log-probabilities of a sequence are aggregated, for the policy and the reference
             alike: `"sum"` (the sequence log-probability of the papers' math) or `"mean"` (per-token mean, as in the
             RPO paper's code).
+        regression_loss (`str`, *optional*, defaults to `"mse"`):
+            Penalty on the residual `target - beta * log-ratio`: `"mse"` (squared, the papers' loss) or `"mae"`
+            (absolute value, the official QRPO code's `qrpo_loss_type="mae"`).
+        paired_samples (`str`, *optional*, defaults to `"both"`):
+            Which completions of a paired training dataset become training samples (the official QRPO code's
+            `qrpo_sample_selector`): `"both"` (two samples per pair), `"chosen"`, `"rejected"`, or `"random"` (one of
+            the two per pair, drawn once, seeded by `seed`). Evaluation datasets keep both, for the pair metrics.
+        apply_temperature_in_training (`bool`, *optional*, defaults to `False`):
+            Whether the policy and reference log-probabilities are those of the logits divided by `temperature` (the
+            official QRPO code's option of the same name): when the reference completions were sampled at a
+            temperature T != 1, the quantile's reference distribution is then the one the regression uses.
 
         > Parameters of the reference stage (see [`ReferenceConfig`]), used when the trainer is given `reward_funcs`
         > and the dataset lacks rewards, or QRPO's `ref_rewards`. Sampling is seeded by `seed`.
@@ -55,7 +70,8 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
         max_completion_length (`int`, *optional*, defaults to `512`):
             Maximum number of tokens of a sampled completion.
         temperature (`float`, *optional*, defaults to `1.0`):
-            Sampling temperature. QRPO's quantile assumes samples of the reference model itself: keep `1.0`.
+            Sampling temperature. QRPO's quantile assumes samples of the reference model itself: keep `1.0`, or set
+            `apply_temperature_in_training=True` so that the reference model is the one at this temperature.
         top_p (`float`, *optional*, defaults to `1.0`):
             Nucleus sampling threshold; `1.0` keeps every token.
         top_k (`int`, *optional*, defaults to `0`):
@@ -68,6 +84,9 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
             Fraction of the GPU memory that vLLM may use.
         reward_weights (`list[float]`, *optional*):
             Weights of the reward functions: the reward is their weighted sum. If `None`, every weight is `1.0`.
+        reward_model_trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Whether reward models given by path are loaded with `trust_remote_code=True`: custom-code reward models
+            such as ArmoRM-Llama3-8B-v0.1 (the QRPO paper's), whose reward is read from the output's `score`.
         keep_ref_completions (`bool`, *optional*, defaults to `False`):
             Whether to keep the sampled reference completions as a `ref_completions` column.
         reference_cache_dir (`str`, *optional*):
@@ -99,12 +118,37 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
         },
     )
 
+    regression_loss: str = field(
+        default="mse",
+        metadata={
+            "help": "Penalty on the residual target - beta * log-ratio: 'mse' (squared) or 'mae' (absolute).",
+            "choices": list(REGRESSION_LOSSES),
+        },
+    )
+    paired_samples: str = field(
+        default="both",
+        metadata={
+            "help": "Completions of a paired training dataset used as samples: 'both', 'chosen', 'rejected' or "
+            "'random' (one per pair, seeded).",
+            "choices": list(PAIRED_SAMPLES),
+        },
+    )
+    apply_temperature_in_training: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute policy and reference log-probabilities from logits / temperature, the temperature the "
+            "reference completions were sampled at."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self._check_reference_fields()  # TrainingArguments.__post_init__ does not chain to the mixin
         if not self.beta > 0:
             raise ValueError(f"`beta` must be > 0, got {self.beta}.")
         check_choice("logps_normalization", self.logps_normalization, LOGPS_NORMALIZATIONS)
+        check_choice("regression_loss", self.regression_loss, REGRESSION_LOSSES)
+        check_choice("paired_samples", self.paired_samples, PAIRED_SAMPLES)
         defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                     for f in dataclasses.fields(DPOConfig) if f.name in _DPO_ONLY_FIELDS}
         changed = [name for name, default in defaults.items() if getattr(self, name) != default]

@@ -2,7 +2,8 @@
 Shared plumbing of the pointwise trainers: data formats, tokenisation, the reference map stage and the loss.
 
 `QRPOTrainer` and `RPOTrainer` subclass `PointwiseTrainer`, itself a `trl.DPOTrainer`, and only say how their
-regression target is made. The loss is `scale * (target - beta * (logp_theta - logp_ref))^2`, averaged over the batch.
+regression target is made. The loss is `scale * penalty(target - beta * (logp_theta - logp_ref))`, averaged over the
+batch, with a squared (`regression_loss="mse"`) or absolute (`"mae"`) penalty.
 """
 
 import contextlib
@@ -18,7 +19,7 @@ import pyarrow.compute as pc
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from transformers import AutoConfig
@@ -35,7 +36,16 @@ from trl.trainer.utils import (
     use_adapter,
 )
 
-from .data_utils import check_columns, check_rewards, check_stage_columns, has_rewards, to_pointwise
+from .data_utils import (
+    check_columns,
+    check_ref_logps,
+    check_rewards,
+    check_stage_columns,
+    float_column,
+    has_rewards,
+    pointwise_batch,
+    to_pointwise,
+)
 from .pointwise_config import PointwiseConfig
 from .reference_stage import ReferenceStage, RewardFunctions
 from .tokenization import template_kwargs, tokenize_pairs
@@ -63,6 +73,17 @@ def sequence_lengths(dataset: Dataset, max_length: int | None = None) -> np.ndar
     return lengths if max_length is None else np.minimum(lengths, max_length)
 
 
+def completion_lengths(dataset: Dataset, max_length: int | None, truncation_mode: str) -> np.ndarray:
+    """Completion tokens of each prepared sample that the loss scores, after the collator's `max_length` truncation."""
+    table = dataset.with_format("arrow")
+    prompt, completion = (pc.list_value_length(table[c]).to_numpy() for c in ("prompt_ids", "completion_ids"))
+    if max_length is None:
+        return completion
+    kept = np.minimum(prompt + completion, max_length)
+    # keep_start keeps the window [0, kept), keep_end the window ending with the completion
+    return np.maximum(kept - prompt, 0) if truncation_mode == "keep_start" else np.minimum(completion, kept)
+
+
 @dataclass
 class DataCollatorForPointwise(DataCollatorMixin):
     """
@@ -79,7 +100,8 @@ class DataCollatorForPointwise(DataCollatorMixin):
             Token ID used for padding.
         max_length (`int`, *optional*):
             Sequences longer than this are truncated before padding, as in TRL's `DataCollatorForPreference`. For an
-            encoder-decoder model it bounds prompt + completion together, truncated the same way.
+            encoder-decoder model it bounds prompt + completion together, truncated the same way, except that a
+            completion cut at its end keeps its final EOS token in place of its last kept token.
         truncation_mode (`str`, *optional*, defaults to `"keep_start"`):
             `"keep_start"` or `"keep_end"`.
         pad_to_multiple_of (`int`, *optional*):
@@ -116,10 +138,19 @@ class DataCollatorForPointwise(DataCollatorMixin):
         if self.is_encoder_decoder:
             # Truncated like one sequence above, then split: the prompt feeds the encoder, the completion is the target
             input_ids = self._padded([w[:p] for w, p in zip(windows, kept_prompt, strict=True)], self.pad_token_id)
+            targets = [w[p:] for w, p in zip(windows, kept_prompt, strict=True)]
+            # A completion cut at its end keeps its last token (EOS), as the RPO paper's code truncates its targets: the
+            # decoder is trained to end each target with EOS
+            targets = [
+                target[:-1] + example["completion_ids"][-1:]
+                if 0 < len(target) < len(example["completion_ids"]) and self.truncation_mode == "keep_start"
+                else target
+                for target, example in zip(targets, examples, strict=True)
+            ]
             batch = {
                 "input_ids": input_ids,
                 "attention_mask": self._span_mask(0, kept_prompt, input_ids.size(1)),
-                "labels": self._padded([w[p:] for w, p in zip(windows, kept_prompt, strict=True)], -100),
+                "labels": self._padded(targets, -100),
             }
         else:
             input_ids = self._padded(windows, self.pad_token_id)
@@ -168,6 +199,33 @@ def hash_partitioned_module(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def pair_metrics(pair_rewards: np.ndarray) -> dict[str, float]:
+    """
+    DPOTrainer's `rewards/chosen`, `rewards/rejected`, `rewards/margins` and `rewards/accuracies` from rows of
+    (pair index, is chosen, implicit reward `beta * log-ratio`), over the pairs that have both completions.
+    """
+    pair_index, is_chosen, rewards = pair_rewards.T
+    chosen, rejected = {}, {}
+    for index, flag, reward in zip(pair_index.astype(np.int64), is_chosen, rewards, strict=True):
+        (chosen if flag else rejected)[index] = reward  # a pair seen twice (padded last batch) keeps one value
+    complete = sorted(chosen.keys() & rejected.keys())
+    if not complete:
+        return {}
+    chosen_rewards = np.array([chosen[i] for i in complete])
+    rejected_rewards = np.array([rejected[i] for i in complete])
+    return {
+        "rewards/chosen": float(chosen_rewards.mean()),
+        "rewards/rejected": float(rejected_rewards.mean()),
+        "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
+        "rewards/accuracies": float((chosen_rewards > rejected_rewards).mean()),
+    }
+
+
+def _paired_samples(args, dataset_name: str) -> str:
+    """Which completions of each pair become samples: evaluation keeps both, for DPO's pair metrics."""
+    return args.paired_samples if dataset_name == "train" else "both"
+
+
 class PointwiseTrainer(DPOTrainer):
     """
     Base of the pointwise trainers: a `trl.DPOTrainer` whose dataset is made of single (prompt, completion, reward)
@@ -181,7 +239,7 @@ class PointwiseTrainer(DPOTrainer):
     - `_target_needs_ref_logps`: whether the target depends on the reference log-probabilities;
     - `_check_dataset`: method-specific validation of the raw dataset;
     - `_target_statistics` / `_regression_targets`: the target columns, from dataset statistics of the training set;
-    - `_loss_scale`: the factor in front of the squared residual.
+    - `_loss_scale`: the factor in front of the penalty on the residual.
 
     The constructor takes the same arguments as `trl.DPOTrainer`, then (as `trl.GRPOTrainer` names them)
     `reward_funcs` and `reward_processing_classes`: with them, a dataset that lacks rewards (or QRPO's reference
@@ -199,8 +257,8 @@ class PointwiseTrainer(DPOTrainer):
         ref_model=None,
         args: PointwiseConfig | None = None,
         data_collator=None,
-        train_dataset: Dataset | None = None,
-        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
         processing_class=None,
         compute_metrics=None,
         callbacks=None,
@@ -217,14 +275,19 @@ class PointwiseTrainer(DPOTrainer):
             raise TypeError(
                 f"{type(self).__name__} needs a {self._config_class.__name__} as `args`, got {type(args).__name__}."
             )
-        if isinstance(train_dataset, Dataset) and {"image", "images"} & set(train_dataset.column_names):
-            raise NotImplementedError(f"{type(self).__name__} does not support vision-language datasets.")
+        # A ValueError, as DPOTrainer's for a vision dataset and a text-only model
+        is_dataset = isinstance(train_dataset, (Dataset, IterableDataset))
+        if is_dataset and {"image", "images"} & set(next(iter(train_dataset))):
+            raise ValueError(f"{type(self).__name__} does not support vision-language datasets ('image' or 'images').")
         self._train_statistics = None
         self._fused_lm_head_restricted = False
+        self._eval_pair_rewards = []
         # Loaded before anything else, so that a reward model that cannot be loaded fails first
         self._reward_functions = None
         if reward_funcs is not None:
-            self._reward_functions = RewardFunctions(reward_funcs, reward_processing_classes, args.reward_weights)
+            self._reward_functions = RewardFunctions(
+                reward_funcs, reward_processing_classes, args.reward_weights, args.reward_model_trust_remote_code
+            )
         # `_prepare_dataset` tokenises for the architecture, but runs before DPOTrainer has loaded and stored the model
         if isinstance(model, str):
             revision = (args.model_init_kwargs or {}).get("revision")
@@ -307,6 +370,10 @@ class PointwiseTrainer(DPOTrainer):
         """Method-specific validation of the raw dataset (before any map), raising a ValueError naming column and row.
         Runs before `Trainer.__init__`, hence `args` rather than `self.args`."""
 
+    def _check_streamable(self, args, dataset_name: str) -> None:
+        """Raise a ValueError saying why, if the method's targets cannot be made from each row of a streamed dataset
+        alone (e.g. they need statistics of the whole dataset)."""
+
     def _target_statistics(self, dataset: Dataset, ref_logps: np.ndarray | None) -> dict:
         """Statistics of the training dataset that the targets of every dataset use (e.g. reward mean and std)."""
         return {}
@@ -322,10 +389,12 @@ class PointwiseTrainer(DPOTrainer):
     # Data
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if isinstance(dataset, IterableDataset):
+            return self._prepare_streamed_dataset(dataset, processing_class, args, dataset_name)
         if not isinstance(dataset, Dataset):
             raise TypeError(
-                f"{type(self).__name__} needs a map-style `datasets.Dataset` for the {dataset_name} dataset (the "
-                f"reference map stage reads it whole), got {type(dataset).__name__}."
+                f"{type(self).__name__} needs a `datasets.Dataset` or `datasets.IterableDataset` for the "
+                f"{dataset_name} dataset, got {type(dataset).__name__}."
             )
         if "completion_ids" in dataset.column_names:  # already prepared, e.g. handed back to `evaluate()`
             return dataset
@@ -335,13 +404,57 @@ class PointwiseTrainer(DPOTrainer):
             # (`_precompute_ref_logps`), which then prepares the completed dataset here. Check what can be checked now.
             check_stage_columns(dataset, dataset_name)
             return dataset
-        check_columns(dataset, dataset_name, self._reference_columns)
-        check_rewards(dataset, dataset_name)
-        self._check_dataset(dataset, args, dataset_name)
+        self._check_raw_dataset(dataset, args, dataset_name)
         map_kwargs = {"num_proc": args.dataset_num_proc}
         with global_then_local_main_first():
-            dataset = to_pointwise(dataset, dataset_name, map_kwargs)
+            dataset = to_pointwise(dataset, dataset_name, map_kwargs, _paired_samples(args, dataset_name), args.seed)
             return self._tokenize(dataset, processing_class, args, dataset_name, map_kwargs)
+
+    def _check_raw_dataset(self, dataset: Dataset, args, dataset_name: str) -> None:
+        check_columns(dataset, dataset_name, self._reference_columns)
+        check_rewards(dataset, dataset_name)
+        check_ref_logps(dataset, dataset_name)
+        self._check_dataset(dataset, args, dataset_name)
+
+    def _prepare_streamed_dataset(self, dataset: IterableDataset, processing_class, args, dataset_name: str):
+        """
+        A streamed dataset is prepared batch by batch as it is read, by the functions of the map-style path: each batch
+        is checked, made pointwise, tokenised and given its targets, from its own rows alone. The reference
+        log-probabilities are computed per training batch (`precompute_ref_log_probs=False`): from `ref_model`, or the
+        policy with its adapters disabled.
+        """
+        if args.precompute_ref_log_probs:
+            raise ValueError(
+                "`precompute_ref_log_probs=True` is not supported with IterableDataset: the reference "
+                f"log-probabilities of the whole {dataset_name} dataset are computed before training. Use a map-style "
+                "Dataset or set `precompute_ref_log_probs=False`."
+            )
+        first_row = Dataset.from_list([next(iter(dataset))])
+        if "completion_ids" in first_row.column_names:  # already prepared, e.g. handed back to `evaluate()`
+            return dataset
+        if self._needs_reference_stage(first_row):
+            raise ValueError(
+                f"The streamed {dataset_name} dataset lacks rewards (or QRPO's reference rewards), and the reference "
+                "stage (`reward_funcs`) cannot stream: it samples and scores the whole dataset into cache files "
+                "before training. Complete it first with `precompute_rewards`, or pass a map-style Dataset."
+            )
+        self._check_streamable(args, dataset_name)
+        self._check_raw_dataset(first_row, args, dataset_name)  # a wrong format or setting fails now, not mid-training
+        tokenize = self._batch_tokenizer(processing_class, args)
+
+        def prepare(batch, indices):
+            try:
+                self._check_raw_dataset(Dataset.from_dict(batch), args, dataset_name)
+            except ValueError as error:
+                raise ValueError(
+                    f"In rows {indices[0]} to {indices[-1]} of the streamed {dataset_name} dataset (row numbers below "
+                    f"count from {indices[0]}): {error}"
+                ) from None
+            rows = tokenize(pointwise_batch(batch, indices, _paired_samples(args, dataset_name), args.seed))
+            targets = self._regression_targets(Dataset.from_dict(rows), None, {})
+            return {**rows, **{column: values.tolist() for column, values in targets.items()}}
+
+        return dataset.map(prepare, batched=True, with_indices=True, remove_columns=first_row.column_names)
 
     def _tokenize(self, dataset: Dataset, processing_class, args, dataset_name: str, map_kwargs: dict) -> Dataset:
         """
@@ -350,28 +463,8 @@ class PointwiseTrainer(DPOTrainer):
         whose prompt alone fills `max_length` (truncation would leave no completion token); unlike it, say how many were
         dropped or truncated.
         """
-        # The map function must not capture `self` (nor the whole config): `datasets` fingerprints it, and a closure
-        # over the trainer would hash differently on every run, so no cache (tokens, reference log-probs) is reused
-        is_encoder_decoder = self.is_encoder_decoder
-        drop_long_prompts = args.max_length is not None and args.truncation_mode == "keep_start"
-        # The map's cache fingerprint hashes what `tokenize` captures: the whole `args` would make any other setting
-        # (output_dir, resume_from_checkpoint, ...) a cache miss, and a resumed run would tokenise and score anew
-        max_length = args.max_length
-
-        def tokenize(batch):
-            pairs = tokenize_pairs(
-                processing_class, batch["prompt"], batch["completion"], is_encoder_decoder, template_kwargs(batch)
-            )
-            # Rows are dropped inside the map rather than by a later filter, which would leave an indices mapping that
-            # adding the target columns has to flatten (a cache write on every process).
-            kept = [i for i, (p, _) in enumerate(pairs) if not drop_long_prompts or len(p) < max_length]
-            rows = {key: [values[i] for i in kept] for key, values in batch.items()}
-            rows["prompt_ids"] = [pairs[i][0] for i in kept]
-            rows["completion_ids"] = [pairs[i][1] for i in kept]
-            return rows
-
         tokenized = dataset.map(
-            tokenize,
+            self._batch_tokenizer(processing_class, args),
             batched=True,
             remove_columns=dataset.column_names,
             desc=f"Tokenizing {dataset_name} dataset",
@@ -392,9 +485,36 @@ class PointwiseTrainer(DPOTrainer):
                 )
         return tokenized
 
+    def _batch_tokenizer(self, processing_class, args):
+        """The function that adds `prompt_ids` and `completion_ids` to a batch of pointwise rows (see `_tokenize`)."""
+        # The map function must not capture `self` (nor the whole config): `datasets` fingerprints it, and a closure
+        # over the trainer would hash differently on every run, so no cache (tokens, reference log-probs) is reused
+        is_encoder_decoder = self.is_encoder_decoder
+        drop_long_prompts = args.max_length is not None and args.truncation_mode == "keep_start"
+        # The map's cache fingerprint hashes what `tokenize` captures: the whole `args` would make any other setting
+        # (output_dir, resume_from_checkpoint, ...) a cache miss, and a resumed run would tokenise and score anew
+        max_length = args.max_length
+
+        def tokenize(batch):
+            pairs = tokenize_pairs(
+                processing_class, batch["prompt"], batch["completion"], is_encoder_decoder, template_kwargs(batch)
+            )
+            # Rows are dropped inside the map rather than by a later filter, which would leave an indices mapping that
+            # adding the target columns has to flatten (a cache write on every process).
+            kept = [i for i, (p, _) in enumerate(pairs) if not drop_long_prompts or len(p) < max_length]
+            rows = {key: [values[i] for i in kept] for key, values in batch.items()}
+            rows["prompt_ids"] = [pairs[i][0] for i in kept]
+            rows["completion_ids"] = [pairs[i][1] for i in kept]
+            return rows
+
+        return tokenize
+
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["prompt_ids", "completion_ids", "ref_logps", "target", *self._metric_columns]
+            self._signature_columns = [
+                "prompt_ids", "completion_ids", "ref_logps", "target", "beta", "pair_index", "is_chosen",
+                *self._metric_columns,
+            ]
 
     # transformers' length-grouped samplers (`train_sampling_strategy="group_by_length"` or `"batch_rebalance"`) read the
     # lengths from a `length_column_name` column or measure an `input_ids` column, and a pointwise sample has neither:
@@ -423,19 +543,21 @@ class PointwiseTrainer(DPOTrainer):
         reference log-probabilities `ref_logps`, as columns of `dataset`.
         """
         self._restrict_fused_lm_head()
-        if "target" in dataset.column_names:
-            return dataset
+        if isinstance(dataset, IterableDataset) or "target" in dataset.column_names:
+            return dataset  # a streamed dataset gets its targets batch by batch (`_prepare_streamed_dataset`)
         if "completion_ids" not in dataset.column_names:  # left raw by `_prepare_dataset` for the reference stage
             dataset = self._prepare_dataset(
                 self._run_reference_stage(dataset, name), self.processing_class, self.args, name
             )
         ref_logps = None
-        if self.args.precompute_ref_log_probs or self._target_needs_ref_logps:
+        if "ref_logps" in dataset.column_names:  # given with the data: used as they are, no reference pass
+            ref_logps = float_column(dataset, "ref_logps", name)
+        elif self.args.precompute_ref_log_probs or self._target_needs_ref_logps:
             ref_logps = self._reference_logps(dataset, name, batch_size)
         if self._train_statistics is None:
             self._train_statistics = self._target_statistics(dataset, ref_logps)
         columns = self._regression_targets(dataset, ref_logps, self._train_statistics)
-        if self.args.precompute_ref_log_probs:
+        if self.args.precompute_ref_log_probs and "ref_logps" not in dataset.column_names:
             columns["ref_logps"] = ref_logps
         for column, values in columns.items():
             dataset = dataset.add_column(column, np.asarray(values, dtype=np.float64))
@@ -452,8 +574,20 @@ class PointwiseTrainer(DPOTrainer):
         if self._fused_lm_head_restricted or self.is_encoder_decoder:  # no fused head for encoder-decoder models
             return
         # Patched over DPOTrainer's patch: forwards with `fused_lm_head=True` stop at this one, others pass through both
-        add_fused_lm_head(self.model.get_base_model() if self._is_peft_policy else self.model, outputs=("log_probs",))
+        temperature = self._logits_temperature
+        add_fused_lm_head(
+            self.model.get_base_model() if self._is_peft_policy else self.model,
+            temperature=temperature,
+            outputs=("log_probs",),
+        )
+        if self.ref_model is not None and temperature != 1.0:  # DPOTrainer patched it at temperature 1
+            add_fused_lm_head(self.accelerator.unwrap_model(self.ref_model), temperature=temperature)
         self._fused_lm_head_restricted = True
+
+    @property
+    def _logits_temperature(self) -> float:
+        """The temperature the logits are divided by before the log-softmax (policy and reference alike)."""
+        return self.args.temperature if self.args.apply_temperature_in_training else 1.0
 
     def _reference_logps(self, dataset: Dataset, name: str, batch_size: int) -> np.ndarray:
         """
@@ -466,7 +600,9 @@ class PointwiseTrainer(DPOTrainer):
         """
         cache_file = None
         if dataset.cache_files and self._precompute_model_hash is not None:
-            settings = (self.args.logps_normalization, self.args.max_length, self.args.truncation_mode)
+            settings = (
+                self.args.logps_normalization, self.args.max_length, self.args.truncation_mode, self._logits_temperature
+            )
             fingerprint = [Hasher.hash((dataset._fingerprint, self._precompute_model_hash, settings))]
             broadcast_object_list(fingerprint, from_process=0)  # fingerprints may differ across ranks
             cache_dir = os.path.dirname(dataset.cache_files[0]["filename"])
@@ -557,36 +693,60 @@ class PointwiseTrainer(DPOTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Log-probabilities and loss
 
-    def _sequence_logps(self, model, inputs) -> torch.Tensor:
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        self._eval_pair_rewards = []
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self._eval_pair_rewards:
+            for key, value in pair_metrics(torch.cat(self._eval_pair_rewards).double().numpy()).items():
+                self._metrics["eval"][key] = [value]  # logged (and returned by `evaluate`) with the eval_ prefix
+        self._eval_pair_rewards = []
+        return output
+
+    def _sequence_logps(
+        self, model, inputs, output_router_logits: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Sum (or per-token mean) of the completion-token log-probs: through TRL's fused LM head (no full logits) for a
         decoder-only model; for an encoder-decoder model, from the logits of a plain forward with the decoder target
         as `labels`, from which the model builds its decoder inputs, so that position t scores label t (no shift).
+
+        Returns them with the MoE load-balancing loss of the forward when `output_router_logits` (the policy of an MoE
+        model whose auxiliary loss is trained, as DPOTrainer's `aux_loss_enabled`), else None. Other forwards of an MoE
+        model (the reference) are told not to compute router logits, whatever its config says.
         """
         if self.is_encoder_decoder:
             labels = inputs["labels"]
             logits = model(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels, use_cache=False
-            ).logits
+            ).logits / self._logits_temperature
             token_mask = labels != -100
             token_logps = selective_log_softmax(logits, labels.masked_fill(~token_mask, 0)).masked_fill(~token_mask, 0)
+            aux_loss = None  # no encoder-decoder model declares `output_router_logits`, so none has aux_loss_enabled
         else:
             completion_mask = inputs["completion_mask"]
             labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            router_kwargs = {"output_router_logits": output_router_logits} if self._is_moe_model else {}
             outputs = model(
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],
                 labels=labels,
                 fused_lm_head=True,
                 use_cache=False,
+                **router_kwargs,
             )
             token_mask = completion_mask[:, 1:]
             # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
             token_logps = outputs.log_probs[:, -token_mask.size(1) :]
+            aux_loss = outputs.aux_loss if output_router_logits else None
         logps = token_logps.sum(dim=1)
         if self.args.logps_normalization == "mean":
             logps = logps / token_mask.sum(dim=1).clamp(min=1)
-        return logps
+        return logps, aux_loss
+
+    @cached_property
+    def _is_moe_model(self) -> bool:
+        """Whether the model is a Mixture-of-Experts that can return router logits (DPOTrainer's test)."""
+        return hasattr(self.model.config.get_text_config(), "output_router_logits")
 
     def compute_ref_log_probs(self, model, inputs) -> torch.Tensor:
         """Reference log-probabilities of a padded batch: `model` without gradients, PEFT adapters disabled if no ref_model."""
@@ -596,28 +756,36 @@ class PointwiseTrainer(DPOTrainer):
             self._reference_adapter_context(),
             self.accelerator.autocast(),
         ):
-            return self._sequence_logps(model, inputs)
+            return self._sequence_logps(model, inputs)[0]
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        logps = self._sequence_logps(model, inputs)
-        if self.args.precompute_ref_log_probs:
+        logps, aux_loss = self._sequence_logps(model, inputs, output_router_logits=self.aux_loss_enabled)
+        if "ref_logps" in inputs:  # precomputed, or given with the data
             ref_logps = inputs["ref_logps"]
         else:
             ref_logps = self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else model, inputs)
         log_ratios = logps - ref_logps
-        residuals = inputs["target"] - self.beta * log_ratios
-        loss = self._loss_scale() * residuals.pow(2).mean()
+        beta = inputs["beta"] if "beta" in inputs else self.beta  # per sample with QRPO's normalize_beta_by_length
+        implicit_rewards = beta * log_ratios
+        residuals = inputs["target"] - implicit_rewards
+        penalties = residuals.abs() if self.args.regression_loss == "mae" else residuals.pow(2)
+        loss = self._loss_scale() * penalties.mean()
+        if aux_loss is not None:  # an MoE policy: DPOTrainer's weighted load-balancing loss
+            loss = loss + self.router_aux_loss_coef * aux_loss
 
         # One all-gather (and one device sync) for every logged per-sample statistic and the token count
         statistics = {
             "target": inputs["target"],
             "log_ratio": log_ratios,
-            "rewards/implicit": self.beta * log_ratios,
+            "residual": residuals.abs(),
+            "rewards/implicit": implicit_rewards,
             "logps/policy": logps,
             "logps/ref": ref_logps,
             **{column: inputs[column] for column in self._metric_columns},
         }
+        if aux_loss is not None:  # one value per process, gathered with the per-sample statistics
+            statistics["aux_loss"] = aux_loss.expand_as(logps)
         num_tokens = inputs["attention_mask"].sum(dim=1)
         if self.is_encoder_decoder:  # the decoder's tokens too
             num_tokens = num_tokens + (inputs["labels"] != -100).sum(dim=1)
@@ -626,6 +794,11 @@ class PointwiseTrainer(DPOTrainer):
         *means, batch_tokens = torch.cat([gathered[:, :-1].mean(dim=0), gathered[:, -1:].sum(dim=0)]).tolist()
         for key, value in zip(statistics, means, strict=True):
             self._metrics[mode][key].append(value)
+        if mode == "eval" and "pair_index" in inputs:
+            # DPO's pair metrics need both completions of a pair, which batches (and processes) may split: kept per
+            # sample and joined over the whole evaluation set in `evaluation_loop`
+            pairs = torch.stack([inputs["pair_index"], inputs["is_chosen"], implicit_rewards.detach().float()], dim=1)
+            self._eval_pair_rewards.append(self.accelerator.gather_for_metrics(pairs).cpu())
         if mode == "train":
             self._total_train_tokens += int(batch_tokens) // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]

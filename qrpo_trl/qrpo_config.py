@@ -1,7 +1,7 @@
 from dataclasses import dataclass, field
 
 from .pointwise_config import PointwiseConfig, check_choice
-from .targets import PARTITIONS, TIES, TRANSFORMS
+from .targets import MIN_REFERENCES, PARTITIONS, TIES, TRANSFORMS
 
 
 @dataclass
@@ -27,8 +27,9 @@ class QRPOConfig(PointwiseConfig):
                 - `"square"`: `f(q) = q^2`.
                 - `"sqrt"`: `f(q) = sqrt(q)`.
                 - `"normal_icdf"`: `f(q) = Phi^-1(q)` (q clamped to `[1/n, (n-1)/n]`, needs `n >= 3`).
-                - `"scaled_normal_icdf"`: `f(q) = sigma_x * Phi^-1(q)`, with `sigma_x` the prompt's reference-reward
-                  standard deviation divided by its mean over the training prompts (needs `n >= 3`).
+                - `"scaled_normal_icdf"`: `f(q) = sigma_x * Phi^-1(q)`, with `sigma_x` the row's reference-reward
+                  standard deviation divided by its mean over the training rows, as the official code normalises it
+                  (prompts with more rows weigh more; needs `n >= 3`).
         partition (`str`, *optional*, defaults to `"exact"`):
             How `beta * log Z_f` is computed. Possible values are:
 
@@ -36,7 +37,9 @@ class QRPOConfig(PointwiseConfig):
                 - `"finite_n"`: the exact value for a quantile computed against `n` references, which is
                   discrete-uniform on `{0, 1/n, ..., 1}` (a constant shift per `n`, largest for small `n`).
                 - `"approx"`: the official README's `log Z = log(beta) + 1/beta` (identity only), to reproduce the
-                  official code; it is off by `beta * log(1 - exp(-1/beta))` (0.145 at beta=0.5).
+                  official code. It drops the term `log(1 - exp(-1/beta))` of `log Z`, so its `beta * log Z` is too
+                  large by `-beta * log(1 - exp(-1/beta))`: 0.073 at beta=0.5 (0.145 in `log Z`), below 1e-8 for
+                  beta <= 0.05.
         ties (`str`, *optional*, defaults to `"le"`):
             How reference rewards equal to the sample's reward count. `"le"` (the official code) counts them fully,
             which biases `q` upward with discrete rewards; `"mid"` (mid-rank) counts them as one half.
@@ -47,6 +50,12 @@ class QRPOConfig(PointwiseConfig):
             Whether to remove the sample's own reward from its `ref_rewards` (once) before computing its quantile, for
             training completions that are themselves reference samples. Each row's reward must then be among its
             `ref_rewards`.
+        normalize_beta_by_length (`bool`, *optional*, defaults to `False`):
+            Whether each sample uses `beta_i = beta / L_i`, with `L_i` its number of trained completion tokens (EOS
+            included, after `max_length` truncation), in the regression and in the partition term: the target is
+            `f(q) - beta_i * log Z_f(beta_i)` and the loss `(target - beta_i * log-ratio)^2`. This is the Apertus
+            trainer's option for long chat completions, where a sequence log-ratio grows with the length; `beta` is
+            then a per-token coefficient (Apertus uses 2 to 5).
     """
 
     transform: str = field(
@@ -74,8 +83,21 @@ class QRPOConfig(PointwiseConfig):
         metadata={"help": "Remove the sample's own reward from its reference rewards before computing its quantile."},
     )
 
+    normalize_beta_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Use beta_i = beta / (completion tokens, EOS included) per sample, in the regression and in "
+            "beta_i * log Z(beta_i)."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if self.normalize_beta_by_length and self.logps_normalization == "mean":
+            raise ValueError(
+                "`normalize_beta_by_length=True` already divides by the completion length: use "
+                "`logps_normalization='sum'` with it."
+            )
         check_choice("transform", self.transform, TRANSFORMS)
         check_choice("partition", self.partition, PARTITIONS)
         check_choice("ties", self.ties, TIES)
@@ -84,5 +106,15 @@ class QRPOConfig(PointwiseConfig):
                 f"`partition='approx'` is the official README's log Z = log(beta) + 1/beta, which only holds for "
                 f"`transform='identity'`, not {self.transform!r}."
             )
-        if self.num_ref_rewards is not None and self.num_ref_rewards < 1:
-            raise ValueError(f"`num_ref_rewards` must be >= 1 or None, got {self.num_ref_rewards}.")
+        minimum = MIN_REFERENCES.get(self.transform, 1)
+        if self.num_ref_rewards is not None and self.num_ref_rewards < minimum:
+            reason = (
+                f": it clamps q to [1/n, (n-1)/n], which leaves a single value below 3 references and every target "
+                "the same constant"
+                if self.transform in MIN_REFERENCES
+                else ""
+            )
+            raise ValueError(
+                f"`num_ref_rewards` must be >= {minimum} or None with transform={self.transform!r}{reason}; got "
+                f"{self.num_ref_rewards}."
+            )

@@ -2,13 +2,14 @@ import textwrap
 
 import numpy as np
 
-from .data_utils import float_column, prompt_groups, ragged_float_column, reward_columns
-from .pointwise_trainer import PointwiseTrainer
+from .data_utils import float_column, ragged_float_column, reward_columns
+from .pointwise_trainer import PointwiseTrainer, completion_lengths
 from .qrpo_config import QRPOConfig
 from .targets import (
     MIN_REFERENCES,
     TRANSFORMS_NEEDING_N,
     beta_log_partition,
+    own_reward_index,
     pad_ragged,
     quantile_rewards,
     reference_stds,
@@ -37,6 +38,11 @@ class QRPOTrainer(PointwiseTrainer):
 
     If both `ref_rewards` and `quantile_reward` are present, the quantile is computed from `ref_rewards`.
 
+    A streamed `IterableDataset` (as train or eval dataset) is prepared batch by batch as it is read, with
+    `precompute_ref_log_probs=False`: the reference log-probabilities are computed at every step. It cannot be used
+    with `transform="scaled_normal_icdf"` (its scale is a mean over all training prompts) nor completed by
+    `reward_funcs`.
+
     Given `reward_funcs`, the reference stage (see [`precompute_rewards`]) completes a dataset that lacks them: it
     samples `num_generations` completions per prompt from the reference model and scores them (`ref_rewards`), and
     scores the completions that have no `reward`. A prompt-only dataset is trained on completions sampled from the reference
@@ -54,7 +60,7 @@ class QRPOTrainer(PointwiseTrainer):
 
     _config_class = QRPOConfig
     _reference_columns = ("ref_rewards", "quantile_reward")
-    _metric_columns = ("quantile",)
+    _metric_columns = ("quantile", "beta_log_partition")
     _tag_names = ["trl", "qrpo"]
     _name = "QRPO"
     _paper = {
@@ -69,6 +75,14 @@ class QRPOTrainer(PointwiseTrainer):
                 eprint       = {arXiv:2507.08068},
             }"""),
     }
+
+    def _check_streamable(self, args, dataset_name):
+        if args.transform == "scaled_normal_icdf":
+            raise ValueError(
+                f"transform='scaled_normal_icdf' cannot stream the {dataset_name} dataset: its scale sigma_x is "
+                "divided by the mean over every training prompt of the reference-reward standard deviation, which "
+                "needs the whole train dataset before the first target. Use a map-style Dataset or another transform."
+            )
 
     def _check_dataset(self, dataset, args, dataset_name):
         if "ref_rewards" not in dataset.column_names:
@@ -93,7 +107,7 @@ class QRPOTrainer(PointwiseTrainer):
             for column in reward_columns(dataset.column_names):
                 rewards = float_column(dataset, column, dataset_name)
                 for row, (reward, refs) in enumerate(zip(rewards, ref_rewards, strict=True)):
-                    if not np.isclose(refs, reward, rtol=1e-6, atol=1e-9).any():
+                    if own_reward_index(refs, reward) is None:
                         raise ValueError(
                             f"Column '{column}' of the {dataset_name} dataset, row {row}: exclude_self_from_ref=True "
                             f"but the reward {reward} is not among the row's ref_rewards."
@@ -122,11 +136,6 @@ class QRPOTrainer(PointwiseTrainer):
                 f"which the {dataset_name} dataset's `quantile_reward` column does not carry: set `num_ref_rewards` to "
                 "the number of references the quantiles were computed against."
             )
-        if args.num_ref_rewards is not None and args.num_ref_rewards < MIN_REFERENCES.get(args.transform, 1):
-            raise ValueError(
-                f"transform={args.transform!r} needs at least {MIN_REFERENCES[args.transform]} references, but "
-                f"num_ref_rewards={args.num_ref_rewards}."
-            )
 
     def _references(self, dataset, dataset_name) -> list[np.ndarray]:
         """Each row's reference rewards as used: own reward removed (if asked), then the first `num_ref_rewards`."""
@@ -134,7 +143,7 @@ class QRPOTrainer(PointwiseTrainer):
         if self.args.exclude_self_from_ref:
             rewards = float_column(dataset, "reward", dataset_name)
             ref_rewards = [
-                np.delete(refs, np.flatnonzero(np.isclose(refs, reward, rtol=1e-6, atol=1e-9))[0])
+                np.delete(refs, own_reward_index(refs, reward))
                 for refs, reward in zip(ref_rewards, rewards, strict=True)
             ]
         return [refs[: self.args.num_ref_rewards] for refs in ref_rewards]
@@ -142,11 +151,9 @@ class QRPOTrainer(PointwiseTrainer):
     def _target_statistics(self, dataset, ref_logps):
         if self.args.transform != "scaled_normal_icdf":
             return {}
-        # sigma_x is normalised by the mean over the training prompts of the reference-reward standard deviation
-        stds = reference_stds(pad_ragged(self._references(dataset, "train")))
-        groups = prompt_groups(dataset)
-        _, first_rows = np.unique(groups, return_index=True)
-        mean_std = float(stds[first_rows].mean())
+        # sigma_x is normalised by the mean over the training rows of the reference-reward standard deviation, as the
+        # official code does (its rows are pairs: a pair's two samples share their references, so the mean is the same)
+        mean_std = float(reference_stds(pad_ragged(self._references(dataset, "train"))).mean())
         if not mean_std > 0:
             raise ValueError(
                 "transform='scaled_normal_icdf' scales by the reference-reward standard deviation, which is 0 for every "
@@ -167,5 +174,12 @@ class QRPOTrainer(PointwiseTrainer):
             num_references = args.num_ref_rewards
             quantiles = float_column(dataset, "quantile_reward", "prepared")
         transformed = transform_quantiles(quantiles, args.transform, n=num_references, scale=scale)
-        log_partition = beta_log_partition(args.transform, args.beta, args.partition, n=num_references, scale=scale)
-        return {"target": transformed - log_partition, "quantile": quantiles}
+        columns = {"quantile": quantiles}
+        beta = args.beta
+        if args.normalize_beta_by_length:
+            beta = args.beta / completion_lengths(dataset, args.max_length, args.truncation_mode)
+            columns["beta"] = beta
+        log_partition = beta_log_partition(args.transform, beta, args.partition, n=num_references, scale=scale)
+        columns["beta_log_partition"] = np.broadcast_to(log_partition, quantiles.shape)
+        columns["target"] = transformed - log_partition
+        return columns

@@ -57,6 +57,13 @@ class ReferenceStageFields:
             "reward functions. If `None`, every function has weight 1."
         },
     )
+    reward_model_trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Load reward models given by path with trust_remote_code=True: custom-code reward models such as "
+            "ArmoRM (their reward is read from the output's `score`)."
+        },
+    )
     keep_ref_completions: bool = field(
         default=False,
         metadata={"help": "Keep the sampled reference completions as a `ref_completions` column."},
@@ -65,14 +72,14 @@ class ReferenceStageFields:
         default=None,
         metadata={
             "help": "Directory of the reference-stage cache. If `None`, `$HF_HOME/qrpo_trl` (by default "
-            "`~/.cache/huggingface/qrpo_trl`)."
+            "`~/.cache/huggingface/qrpo_trl`). With several machines, a directory they all see."
         },
     )
     reference_chunk_size: int = field(
         default=1024,
         metadata={
-            "help": "Number of completions per cached chunk (whole prompts when sampling): an interrupted run resumes "
-            "after the last completed chunk."
+            "help": "Number of completions per cached chunk (whole prompts when sampling), each computed and written "
+            "by one process: an interrupted run computes only the missing chunks."
         },
     )
 
@@ -132,6 +139,10 @@ class ReferenceConfig(ReferenceStageFields):
         reward_weights (`list[float]`, *optional*):
             Weights of the reward functions: a completion's reward is the weighted sum of their rewards. Must match the
             number of reward functions. If `None`, every function has weight `1.0`.
+        reward_model_trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Whether reward models given by path are loaded with `trust_remote_code=True` (their code runs on this
+            machine): custom-code reward models such as ArmoRM-Llama3-8B-v0.1, the QRPO paper's, whose output carries
+            the reward in `score` rather than `logits`.
 
         > Parameters that control the output and the cache
 
@@ -142,12 +153,14 @@ class ReferenceConfig(ReferenceStageFields):
             Directory where the stage caches its results, keyed by a fingerprint of the reference model's weights, the
             tokenizer, the prompts and the columns passed to the reward functions, the sampling settings and the reward
             functions (weights of reward models; qualified name, source and captured values of callables). If `None`,
-            `$HF_HOME/qrpo_trl` (by default `~/.cache/huggingface/qrpo_trl`).
+            `$HF_HOME/qrpo_trl` (by default `~/.cache/huggingface/qrpo_trl`). Each process writes its results there
+            for the others to read: with several machines, it must be on storage they all mount at the same path.
         reference_chunk_size (`int`, *optional*, defaults to `1024`):
             Number of completions per chunk, sampled or scored (a sampling chunk holds whole prompts: at least one, else
-            `reference_chunk_size // num_generations`). Each chunk is split between the processes and, once done,
-            written to the cache, so an interrupted run resumes after the last completed chunk; the final result is
-            written once every chunk is done.
+            `reference_chunk_size // num_generations`; chunks are smaller when there are fewer chunks than processes).
+            Each chunk is computed by one process and written by it to the cache as soon as it is done, so an
+            interrupted run (even killed) computes only the missing chunks. Memory and a rerun's lost work are bounded
+            by a chunk.
     """
 
     seed: int = field(

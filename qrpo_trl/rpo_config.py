@@ -25,10 +25,16 @@ class RPOConfig(PointwiseConfig):
         value_estimator (`str`, *optional*, defaults to `"ref_weighted"`):
             How `V(x)` is estimated from the completions `y_j` of `x`. Possible values are:
 
-                - `"ref_weighted"` (the paper): `V(x) = beta * log sum_j pi_ref(y_j|x) exp(r_j / beta)`, which makes
-                  the trained policy a softmax over the observed completions.
-                - `"monte_carlo"`: `V(x) = beta * log(1/n sum_j exp(r_j / beta))`, the Monte Carlo estimate of
-                  `beta * log E_ref[exp(r / beta)]`, suited to completions sampled from the reference model.
+                - `"ref_weighted"` (the paper): `V(x) = beta * log sum_y pi_ref(y|x) exp(r_y / beta)` over the
+                  distinct completions `y` of `x` (same completion tokens), which makes the trained policy a softmax
+                  over them. A completion present in several rows counts once, and its rows regress onto the mean of
+                  their rewards.
+                - `"ref_weighted_rows"`: the same sum over rows, as the official code computes it, to reproduce it. A
+                  completion present k times counts k times, so a prompt whose completions each appear twice trains
+                  to a total probability of about 1/2 on them instead of 1.
+                - `"monte_carlo"`: `V(x) = beta * log(1/n sum_j exp(r_j / beta))` over the n rows of `x`, the Monte
+                  Carlo estimate of `beta * log E_ref[exp(r / beta)]`, suited to completions sampled from the
+                  reference model: every row is an independent draw and counts, duplicates included.
         normalize_rewards (`bool`, *optional*, defaults to `False`):
             Whether to z-score the rewards over the training dataset (mean 0, standard deviation 1), as in the paper's
             experiments. Evaluation datasets use the training statistics.
@@ -37,7 +43,8 @@ class RPOConfig(PointwiseConfig):
     value_estimator: str = field(
         default="ref_weighted",
         metadata={
-            "help": "How V(x) is estimated: 'ref_weighted' (the paper) or 'monte_carlo'.",
+            "help": "How V(x) is estimated: 'ref_weighted' (the paper, over distinct completions), "
+            "'ref_weighted_rows' (the official code, over rows) or 'monte_carlo'.",
             "choices": list(VALUE_ESTIMATORS),
         },
     )

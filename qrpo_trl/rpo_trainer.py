@@ -1,10 +1,10 @@
 import numpy as np
 from accelerate.logging import get_logger
 
-from .data_utils import float_column, prompt_groups, reward_columns
+from .data_utils import completion_groups, float_column, prompt_groups, reward_columns
 from .pointwise_trainer import PointwiseTrainer
 from .rpo_config import RPOConfig
-from .targets import rpo_values
+from .targets import label_means, rpo_values
 
 
 logger = get_logger(__name__)
@@ -16,15 +16,17 @@ class RPOTrainer(PointwiseTrainer):
     Partitioning" (Faye, Azzag, Lebbah 2025). A drop-in replacement for [`~trl.DPOTrainer`]: same constructor, and
     `isinstance(trainer, DPOTrainer)` holds. Not TRL's former `rpo_alpha` (a DPO + NLL mix removed in TRL 0.29).
 
-    The value of each prompt, `V(x) = beta * log sum_j pi_ref(y_j|x) exp(r_j / beta)` over all the dataset's
-    completions of `x`, is computed once from the reference model before training; the policy then minimises
+    The value of each prompt, `V(x) = beta * log sum_y pi_ref(y|x) exp(r_y / beta)` over the dataset's distinct
+    completions `y` of `x` (a completion present in several rows counts once, with the mean of their rewards), is
+    computed once from the reference model before training; the policy then minimises
     `0.5 * (log pi_theta(y|x) - log pi_ref(y|x) - (r - V(x)) / beta)^2`. At the optimum the policy is a softmax over
     the observed completions of each prompt, so a prompt with a single completion degenerates to maximising its
     likelihood.
 
     Dataset formats (standard text or conversational): pointwise `prompt`, `completion`, `reward`, with several
     completions per prompt; or paired with scores (`prompt`, `chosen`, `rejected`, `chosen_reward`/`rejected_reward` or
-    `score_chosen`/`score_rejected`), each pair becoming two pointwise samples.
+    `score_chosen`/`score_rejected`), each pair becoming two pointwise samples. Not a streamed `IterableDataset`: V(x)
+    needs every completion of the prompt before training.
 
     Given `reward_funcs`, the reference stage (see [`precompute_rewards`]) scores the completions that have no reward,
     and turns a prompt-only dataset into `num_generations` completions per prompt sampled from the reference model.
@@ -48,11 +50,19 @@ class RPOTrainer(PointwiseTrainer):
 
     @property
     def _target_needs_ref_logps(self):
-        return self.args.value_estimator == "ref_weighted"
+        return self.args.value_estimator != "monte_carlo"
 
     def _loss_scale(self):
-        # 0.5 * (log-ratio - (r - V) / beta)^2 == 0.5 / beta^2 * ((r - V) - beta * log-ratio)^2
-        return 0.5 / self.beta**2
+        # 0.5 * (log-ratio - (r - V) / beta)^2 == 0.5 / beta^2 * ((r - V) - beta * log-ratio)^2, and with
+        # regression_loss="mae", 0.5 * |log-ratio - (r - V) / beta| == 0.5 / beta * |(r - V) - beta * log-ratio|
+        return 0.5 / self.beta ** (2 if self.args.regression_loss == "mse" else 1)
+
+    def _check_streamable(self, args, dataset_name):
+        raise ValueError(
+            f"RPOTrainer cannot stream the {dataset_name} dataset (IterableDataset): each target r - V(x) needs the "
+            "value V(x), a sum over every completion of the prompt x in the dataset, before the first training step. "
+            "Use a map-style Dataset."
+        )
 
     def _check_dataset(self, dataset, args, dataset_name):
         if args.normalize_rewards and dataset_name == "train":
@@ -77,5 +87,13 @@ class RPOTrainer(PointwiseTrainer):
                 f"{int((sizes == 1).sum())} of {sizes.size} prompts have a single completion: RPO's target for it is "
                 "-beta * log pi_ref(y|x), so its loss degenerates to maximising that completion's likelihood."
             )
-        values = rpo_values(groups, rewards, ref_logps, self.beta, self.args.value_estimator)
+        estimator = self.args.value_estimator
+        if estimator == "ref_weighted":
+            # V(x) sums over the distinct completions, each with its mean reward; every row of a completion regresses
+            # onto that mean, which is the optimum of the completion (and the loss is 0 there)
+            completions = completion_groups(dataset, groups)
+            values = rpo_values(groups, rewards, ref_logps, self.beta, estimator, completions=completions)
+            rewards = label_means(completions, rewards)
+        else:
+            values = rpo_values(groups, rewards, ref_logps, self.beta, estimator)
         return {"target": rewards - values, "value": values}

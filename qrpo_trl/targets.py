@@ -22,7 +22,7 @@ from scipy.special import dawsn, logsumexp, ndtri
 TRANSFORMS = ("identity", "log", "square", "sqrt", "normal_icdf", "scaled_normal_icdf")
 PARTITIONS = ("exact", "finite_n", "approx")
 TIES = ("le", "mid")
-VALUE_ESTIMATORS = ("ref_weighted", "monte_carlo")
+VALUE_ESTIMATORS = ("ref_weighted", "monte_carlo", "ref_weighted_rows")
 LOGPS_NORMALIZATIONS = ("sum", "mean")
 # The normal transforms clamp q to [1/n, (n-1)/n], an empty or single-point range below 3 references
 MIN_REFERENCES = {"normal_icdf": 3, "scaled_normal_icdf": 3}
@@ -37,6 +37,21 @@ def pad_ragged(rows: list) -> np.ndarray:
     for i, row in enumerate(rows):
         out[i, : len(row)] = row
     return out
+
+
+def own_reward_index(ref_rewards: np.ndarray, reward: float) -> int | None:
+    """
+    Index of the sample's own reward among its reference rewards, or None if it is not there: an exactly equal
+    reference if there is one, else the nearest within `rtol=1e-6, atol=1e-9` (a reward stored at another precision).
+    Another reference that is merely close must not be removed in place of the equal one.
+    """
+    ref_rewards = np.asarray(ref_rewards, dtype=np.float64)
+    equal = np.flatnonzero(ref_rewards == reward)
+    if equal.size:
+        return int(equal[0])
+    distances = np.abs(ref_rewards - reward)
+    close = np.isclose(ref_rewards, reward, rtol=1e-6, atol=1e-9)
+    return int(np.argmin(np.where(close, distances, np.inf))) if close.any() else None
 
 
 def quantile_rewards(rewards: np.ndarray, ref_rewards: np.ndarray, ties: str = "le") -> np.ndarray:
@@ -97,16 +112,16 @@ def transform_quantiles(q, transform: str, n=None, scale=None) -> np.ndarray:
     raise ValueError(f"Unknown transform {transform!r}; expected one of {TRANSFORMS}.")
 
 
-def _exact_beta_log_partition(transform: str, beta: float, scale=None):
-    """`beta * log Z` for q ~ Uniform(0, 1), in the closed forms that stay finite for any beta > 0."""
+def _exact_beta_log_partition(transform: str, beta, scale=None):
+    """`beta * log Z` for q ~ Uniform(0, 1), in the closed forms that stay finite for any beta > 0 (scalar or array)."""
     if transform == "identity":  # Z = beta * (exp(1/beta) - 1)
-        return beta * math.log(beta) + 1.0 + beta * math.log1p(-math.exp(-1.0 / beta))
+        return beta * np.log(beta) + 1.0 + beta * np.log1p(-np.exp(-1.0 / beta))
     if transform == "log":  # Z = beta / (1 + beta)
-        return beta * math.log(beta) - beta * math.log1p(beta)
+        return beta * np.log(beta) - beta * np.log1p(beta)
     if transform == "square":  # Z = sqrt(pi * beta) / 2 * erfi(1 / sqrt(beta)), written with Dawson's function
-        return 1.0 + beta * math.log(math.sqrt(beta) * dawsn(1.0 / math.sqrt(beta)))
+        return 1.0 + beta * np.log(np.sqrt(beta) * dawsn(1.0 / np.sqrt(beta)))
     if transform == "sqrt":  # Z = 2 * beta * (beta + (1 - beta) * exp(1/beta))
-        return beta * math.log(2.0 * beta) + 1.0 + beta * math.log(1.0 - beta + beta * math.exp(-1.0 / beta))
+        return beta * np.log(2.0 * beta) + 1.0 + beta * np.log(1.0 - beta + beta * np.exp(-1.0 / beta))
     if transform == "normal_icdf":  # Z = E[exp(X / beta)], X ~ N(0, 1)
         return 1.0 / (2.0 * beta)
     if transform == "scaled_normal_icdf":
@@ -114,30 +129,31 @@ def _exact_beta_log_partition(transform: str, beta: float, scale=None):
     raise ValueError(f"Unknown transform {transform!r}; expected one of {TRANSFORMS}.")
 
 
-def _finite_n_beta_log_partition(transform: str, beta: float, n, scale=None) -> np.ndarray:
+def _finite_n_beta_log_partition(transform: str, beta, n, scale=None) -> np.ndarray:
     """`beta * log Z_n` with `Z_n = 1/(n+1) sum_k exp(f(k/n) / beta)`: q is discrete-uniform on {0, 1/n, ..., 1}."""
-    n = np.asarray(n, dtype=np.int64)
     scaled = transform == "scaled_normal_icdf"
-    if scaled:
-        scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), n.shape)
+    n, beta, scale = np.broadcast_arrays(
+        np.asarray(n, dtype=np.int64),
+        np.asarray(beta, dtype=np.float64),
+        np.asarray(scale if scaled else 1.0, dtype=np.float64),
+    )
     out = np.empty(n.shape, dtype=np.float64)
     for count in np.unique(n):
         rows = n == count
         grid = transform_quantiles(np.arange(count + 1) / count, "normal_icdf" if scaled else transform, n=count)
-        if scaled:  # sigma_x * Phi^-1(k/n): a different grid per row
-            out[rows] = beta * (logsumexp(scale[rows, None] * grid[None, :] / beta, axis=1) - math.log(count + 1))
-        else:
-            out[rows] = beta * (logsumexp(grid / beta) - math.log(count + 1))
+        # sigma_x * f(k/n) / beta: a different grid per row when sigma_x or beta varies
+        exponents = (scale[rows] / beta[rows])[:, None] * grid[None, :]
+        out[rows] = beta[rows] * (logsumexp(exponents, axis=1) - math.log(count + 1))
     return out
 
 
-def beta_log_partition(transform: str, beta: float, partition: str = "exact", n=None, scale=None):
+def beta_log_partition(transform: str, beta, partition: str = "exact", n=None, scale=None):
     """
     `beta * log Z_f`, the constant (per prompt for `scaled_normal_icdf`) subtracted from `f(q)` in the QRPO target.
 
     Args:
         transform: one of `TRANSFORMS`.
-        beta: KL coefficient, `> 0`.
+        beta: KL coefficient, `> 0`: a float, or one per row (`normalize_beta_by_length`).
         partition: `"exact"` (q continuous uniform, closed form), `"finite_n"` (q discrete-uniform on
             `{0, 1/n, ..., 1}`, exact for `n` references) or `"approx"` (the official README's `log(beta) + 1/beta`,
             identity only, which drops `beta * log(1 - exp(-1/beta))`).
@@ -145,14 +161,17 @@ def beta_log_partition(transform: str, beta: float, partition: str = "exact", n=
         scale: per-row sigma_x (needed by `scaled_normal_icdf`).
 
     Returns:
-        A float, or an array with the shape of `n`/`scale` when the value varies per row.
+        A float, or an array with the shape of `beta`/`n`/`scale` when the value varies per row.
     """
-    if not beta > 0:
+    scalar_beta = np.ndim(beta) == 0
+    beta = float(beta) if scalar_beta else np.asarray(beta, dtype=np.float64)
+    if not np.all(np.asarray(beta) > 0):
         raise ValueError(f"beta must be > 0, got {beta}.")
     if transform == "scaled_normal_icdf" and scale is None:
         raise ValueError("transform='scaled_normal_icdf' needs the per-prompt scale sigma_x.")
     if partition == "exact":
-        return _exact_beta_log_partition(transform, beta, scale)
+        value = _exact_beta_log_partition(transform, beta, scale)
+        return float(value) if np.ndim(value) == 0 else value
     if partition == "finite_n":
         if n is None:
             raise ValueError("partition='finite_n' needs the number of references n.")
@@ -163,7 +182,8 @@ def beta_log_partition(transform: str, beta: float, partition: str = "exact", n=
                 f"partition='approx' is the official README's log Z = log(beta) + 1/beta, which only holds for "
                 f"transform='identity', not {transform!r}."
             )
-        return beta * math.log(beta) + 1.0
+        value = beta * np.log(beta) + 1.0
+        return float(value) if np.ndim(value) == 0 else value
     raise ValueError(f"Unknown partition {partition!r}; expected one of {PARTITIONS}.")
 
 
@@ -184,22 +204,45 @@ def group_logsumexp(groups: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return maxima + np.log(sums)
 
 
-def rpo_values(groups, rewards, ref_logps, tau: float, estimator: str = "ref_weighted") -> np.ndarray:
-    """
-    Per-row value `V(x)` of RPO, over all rows that share the prompt's group label.
+def label_means(labels, values) -> np.ndarray:
+    """Per row, the mean of `values` over the rows that share its label (labels `0..L-1`)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return (np.bincount(labels, weights=np.asarray(values, dtype=np.float64)) / np.bincount(labels))[labels]
 
-    - `"ref_weighted"` (the paper): `V = tau * log sum_j pi_ref(y_j|x) exp(r_j / tau)`, computed as
-      `tau * logsumexp(logp_ref_j + r_j / tau)` because the direct sum of sequence probabilities underflows.
-    - `"monte_carlo"`: `V = tau * (logsumexp(r_j / tau) - log n_x)`, the Monte Carlo estimate of
-      `tau * log E_ref[exp(r / tau)]` for completions sampled from the reference model.
+
+def rpo_values(
+    groups, rewards, ref_logps, tau: float, estimator: str = "ref_weighted", completions=None
+) -> np.ndarray:
+    """
+    Per-row value `V(x)` of RPO, over the rows that share the prompt's group label.
+
+    - `"ref_weighted"` (the paper): `V = tau * log sum_y pi_ref(y|x) exp(r_y / tau)` over the DISTINCT completions `y`
+      of `x` (rows with the same `completions` label), each counted once with the mean reward `r_y` of its rows, so
+      that the optimum is a softmax over the distinct completions. Computed as `tau * logsumexp(logp_ref + r / tau)`
+      because the direct sum of sequence probabilities underflows.
+    - `"ref_weighted_rows"` (the official code): the same sum over rows, so a completion present k times counts k
+      times and the optimum puts total probability below 1 on the completions.
+    - `"monte_carlo"`: `V = tau * (logsumexp(r_j / tau) - log n_x)` over the rows, the Monte Carlo estimate of
+      `tau * log E_ref[exp(r / tau)]`: the rows are independent draws from the reference model, so each counts.
+
+    Args:
+        groups: prompt label per row, `0..G-1`.
+        completions: for `"ref_weighted"`, a label per row, equal for the rows holding the same completion of the same
+            prompt (labels `0..D-1`).
     """
     if not tau > 0:
         raise ValueError(f"tau (beta) must be > 0, got {tau}.")
     groups = np.asarray(groups, dtype=np.int64)
     scores = np.asarray(rewards, dtype=np.float64) / tau
     if estimator == "ref_weighted":
-        scores = scores + np.asarray(ref_logps, dtype=np.float64)
-        values = group_logsumexp(groups, scores)
+        if completions is None:
+            raise ValueError("value_estimator='ref_weighted' needs the completion label of every row.")
+        # One term per distinct completion: the mean of its rows (their reference log-probs agree up to rounding)
+        scores = label_means(completions, scores + np.asarray(ref_logps, dtype=np.float64))
+        _, first_rows = np.unique(completions, return_index=True)
+        values = group_logsumexp(groups[first_rows], scores[first_rows])
+    elif estimator == "ref_weighted_rows":
+        values = group_logsumexp(groups, scores + np.asarray(ref_logps, dtype=np.float64))
     elif estimator == "monte_carlo":
         values = group_logsumexp(groups, scores) - np.log(np.bincount(groups))
     else:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # QRPO over several machines with DeepSpeed ZeRO-3: the recipe configs/qrpo_tulu3_8b_ultrafeedback.yaml on
-# NUM_MACHINES machines of GPUS_PER_MACHINE GPUs, with the global batch kept at the recipe's 128. Run it on every
-# machine, each with its MACHINE_RANK (0 on the machine at MAIN_PROCESS_IP, an address the others reach):
+# NUM_MACHINES machines of GPUS_PER_MACHINE GPUs, with the global batch kept at the recipe's 256 completions (the
+# paper's 128 pairs). Run it on every machine, each with its MACHINE_RANK (0 on the machine at MAIN_PROCESS_IP, an
+# address the others reach):
 #
 #   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 scripts/multi_node_zero3.sh   # on 10.0.0.1
 #   NUM_MACHINES=2 MACHINE_RANK=1 MAIN_PROCESS_IP=10.0.0.1 scripts/multi_node_zero3.sh   # on the other machine
@@ -21,8 +22,8 @@ cd "$(dirname "$0")/.."
 GPUS_PER_MACHINE=${GPUS_PER_MACHINE:-8}
 NUM_PROCESSES=$((NUM_MACHINES * GPUS_PER_MACHINE))
 PER_DEVICE_BATCH=4  # the recipe's per_device_train_batch_size
-if ((128 % (PER_DEVICE_BATCH * NUM_PROCESSES))); then
-    echo "a global batch of 128 does not split over $NUM_PROCESSES processes of $PER_DEVICE_BATCH samples" >&2
+if ((256 % (PER_DEVICE_BATCH * NUM_PROCESSES))); then
+    echo "a global batch of 256 does not split over $NUM_PROCESSES processes of $PER_DEVICE_BATCH samples" >&2
     exit 1
 fi
 
@@ -36,5 +37,5 @@ accelerate launch \
     -m qrpo_trl.cli qrpo \
     --config configs/qrpo_tulu3_8b_ultrafeedback.yaml \
     --per_device_train_batch_size "$PER_DEVICE_BATCH" \
-    --gradient_accumulation_steps $((128 / (PER_DEVICE_BATCH * NUM_PROCESSES))) \
+    --gradient_accumulation_steps $((256 / (PER_DEVICE_BATCH * NUM_PROCESSES))) \
     "$@"

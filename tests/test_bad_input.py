@@ -87,7 +87,6 @@ def test_bad_quantile_column(tiny_llama_path, tmp_path):
     rows["quantile_reward"] = [0.5, 1.0, 0.0]
     expect_error(QRPOTrainer, QRPOConfig, tiny_llama_path, tmp_path, rows, "needs the number of references n.*set `num_ref_rewards`", transform="log")
     expect_error(QRPOTrainer, QRPOConfig, tiny_llama_path, tmp_path, rows, "transform='scaled_normal_icdf' needs the reference rewards", transform="scaled_normal_icdf", num_ref_rewards=3)
-    expect_error(QRPOTrainer, QRPOConfig, tiny_llama_path, tmp_path, rows, "needs at least 3 references, but num_ref_rewards=2", transform="normal_icdf", num_ref_rewards=2)
 
 
 @pytest.mark.parametrize(
@@ -100,6 +99,9 @@ def test_bad_quantile_column(tiny_llama_path, tmp_path):
         ({"ties": "lt"}, r"Unknown `ties` 'lt'; expected one of 'le', 'mid'"),
         ({"partition": "approx", "transform": "log"}, r"only holds for `transform='identity'`, not 'log'"),
         ({"num_ref_rewards": 0}, r"`num_ref_rewards` must be >= 1"),
+        # The normal transforms clamp q to [1/n, (n-1)/n]: below 3 references every target would be one constant
+        ({"num_ref_rewards": 2, "transform": "normal_icdf"}, r"`num_ref_rewards` must be >= 3 or None with transform='normal_icdf'.*the same constant; got 2"),
+        ({"num_ref_rewards": 1, "transform": "scaled_normal_icdf"}, r"`num_ref_rewards` must be >= 3 or None with transform='scaled_normal_icdf'"),
         ({"logps_normalization": "max"}, r"Unknown `logps_normalization` 'max'"),
         ({"loss_type": "ipo"}, r"does not use DPO's `loss_type`"),
     ],
@@ -114,6 +116,11 @@ def test_bad_rpo_config(tmp_path):
         make_args(RPOConfig, tmp_path, value_estimator="learned")
     with pytest.raises(ValueError, match="`beta` must be > 0"):
         make_args(RPOConfig, tmp_path, beta=0)
+
+
+def test_vision_dataset_is_a_value_error(tiny_llama_path, tmp_path):
+    rows = {**pointwise_rows(num_prompts=1, completions_per_prompt=1), "images": [[]]}
+    expect_error(QRPOTrainer, QRPOConfig, tiny_llama_path, tmp_path, rows, "does not support vision-language datasets")
 
 
 def test_wrong_config_class(tiny_llama_path, tmp_path):

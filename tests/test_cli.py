@@ -201,9 +201,9 @@ def test_recipes_parse(path):
     # On a machine without GPU, bf16 needs `use_cpu`
     parsed = command_parser(command).parse_command(["--config", str(ROOT / "configs" / path), "--use_cpu"])
     training_args, launch_args = parsed[1], parsed[-1]
-    if "tulu3" in path:  # the paper's global batch
+    if "tulu3" in path:  # the paper's global batch: 128 pairs, 256 completions
         processes = launch_args.num_processes or 1
-        assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * processes == 128
+        assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * processes == 256
 
 
 def test_load_datasets(tmp_path):

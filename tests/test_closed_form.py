@@ -93,3 +93,22 @@ def test_rpo_reaches_a_softmax_over_the_completions(architecture, tmp_path):
     # The optimum is a softmax over the observed completions: their probabilities sum to about 1
     assert np.exp(trained).sum() == pytest.approx(1.0, abs=0.05)
     np.testing.assert_allclose(np.exp(trained), np.exp(initial + rewards / tau) / np.exp(initial + rewards / tau).sum(), atol=0.02)
+
+
+@pytest.mark.parametrize("architecture", ["llama"], indirect=True)  # the targets, not the architecture, are under test
+def test_rpo_with_duplicated_rows_reaches_the_softmax_over_distinct_completions(architecture, tmp_path):
+    # Every completion present twice; the copies of " sure" disagree on its reward (mean 1.0)
+    architecture, model_path = architecture
+    tau = 1.0
+    rewards = np.array([0.0, 1.0, 2.0, 0.5, 0.0, 1.0, 2.0, 1.5])
+    rows = {"prompt": ["hello"] * 8, "completion": COMPLETIONS * 2, "reward": rewards.tolist()}
+    args = make_args(RPOConfig, tmp_path, beta=tau, **architecture.training)
+    trainer = RPOTrainer(model=model_path, args=args, train_dataset=Dataset.from_dict(rows))
+    trainer.train()
+    trained, initial = log_ratios(trainer, architecture, model_path)
+    mean_rewards = (rewards[:4] + rewards[4:]) / 2
+    # The optimum over the distinct completions: pi(y) = pi_ref(y) exp(mean r_y / tau) / sum_y' (...)
+    optimum = initial[:4] + mean_rewards / tau
+    optimum -= np.log(np.exp(optimum).sum())
+    assert np.exp(trained[:4]).sum() == pytest.approx(1.0, abs=0.05)
+    np.testing.assert_allclose(trained - initial, np.tile(optimum - initial[:4], 2), atol=0.1)

@@ -83,10 +83,11 @@ def test_collator_splits_truncated_samples_into_encoder_inputs_and_labels():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[7, 1, -100], [8, 9, 1]]
     assert batch["target"].tolist() == [0.5, -1.0]
-    # `max_length` bounds prompt + completion as for a decoder-only model: keep_start cuts the completion's end...
+    # `max_length` bounds prompt + completion as for a decoder-only model: keep_start cuts the completion's end, whose
+    # EOS replaces the last kept token...
     batch = DataCollatorForPointwise(pad_token_id=0, max_length=4, is_encoder_decoder=True)(examples)
     assert batch["input_ids"].tolist() == [[5, 6, 1], [5, 1, 0]]
-    assert batch["labels"].tolist() == [[7, -100], [8, 9]]
+    assert batch["labels"].tolist() == [[1, -100], [8, 1]]
     # ... and keep_end the prompt's start
     collator = DataCollatorForPointwise(pad_token_id=0, max_length=4, truncation_mode="keep_end", is_encoder_decoder=True)
     batch = collator(examples)
@@ -169,7 +170,7 @@ def test_t5_attention_dropout_is_disabled(tiny_t5_path, t5_tokenizer, dataset, t
         trainer = QRPOTrainer(model=tiny_t5_path, args=args, train_dataset=dataset)
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))])
         trainer.model.train()
-        first, second = (trainer._sequence_logps(trainer.model, batch) for _ in range(2))
+        first, second = (trainer._sequence_logps(trainer.model, batch)[0] for _ in range(2))
         assert torch.equal(first, second) == disable_dropout
 
 

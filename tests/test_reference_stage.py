@@ -1,19 +1,24 @@
 """The reference stage: sampling from the reference model, scoring with reward functions and models, the cache."""
 
+import errno
 import glob
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from conftest import build_tiny_llama, logged, make_args, pointwise_rows
-from datasets import Dataset, load_from_disk
+from datasets import ClassLabel, Dataset, Features, Value, load_from_disk
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from qrpo_trl import QRPOConfig, QRPOTrainer, ReferenceConfig, RPOConfig, RPOTrainer, precompute_rewards
 from qrpo_trl import cli
@@ -75,6 +80,13 @@ def reference_args(tmp_path, **overrides):
     )
     settings.update(overrides)
     return ReferenceConfig(**settings)
+
+
+def chunk_files(directory):
+    """The (start, stop) ranges of the chunk files in a pass's cache directory; fails on any other file."""
+    names = sorted(os.listdir(directory))
+    assert all(re.fullmatch(r"chunk-\d{9}-\d{9}-[0-9a-f]{32}\.arrow", name) for name in names), names
+    return [(int(name.split("-")[1]), int(name.split("-")[2])) for name in names]
 
 
 @torch.no_grad()
@@ -166,6 +178,29 @@ def test_prompt_only_dataset_becomes_sampled_completions(model, tokenizer, tmp_p
     assert rpo.column_names == ["prompt", "completion", "reward"] and rpo["completion"] == result["completion"]
 
 
+def test_prompt_only_dataset_is_expanded_through_arrow(model, tokenizer, tmp_path):
+    features = Features({"prompt": Value("string"), "topic": ClassLabel(names=["sky", "sea"])})
+    full = Dataset.from_dict({"prompt": PROMPTS, "topic": [0, 1, 0, 1, 1]}, features=features)
+    full.info.description = "five prompts"
+    dataset = full.select([4, 2, 0])  # an indices mapping, out of order
+    args = reference_args(tmp_path, keep_ref_completions=True)
+    result = precompute_rewards(dataset, model, length_reward, args, processing_class=tokenizer)
+    # Each row once per sampled completion, in order, its columns with their features
+    assert result.features["topic"] == features["topic"] and result.info.description == "five prompts"
+    assert result["prompt"] == [prompt for prompt in dataset["prompt"] for _ in range(3)]
+    assert result["topic"] == [topic for topic in dataset["topic"] for _ in range(3)]
+    for start in range(0, 9, 3):
+        assert result["completion"][start : start + 3] == result[start]["ref_completions"]
+        assert result["reward"][start : start + 3] == result[start + 2]["ref_rewards"]
+    # Memory-mapped from the cache, not held in memory
+    assert result.cache_files and all(
+        entry["filename"].startswith(str(tmp_path / "cache")) for entry in result.cache_files
+    )
+    # The completions of a prompt do not depend on the rows around it
+    everything = precompute_rewards(full, model, length_reward, args, processing_class=tokenizer)
+    assert result["completion"][:3] == everything["completion"][12:15]
+
+
 def test_conversational_prompts_use_the_chat_template(model, tokenizer, tmp_path):
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS[:2]]})
     seen = []
@@ -174,12 +209,16 @@ def test_conversational_prompts_use_the_chat_template(model, tokenizer, tmp_path
         seen.extend(zip(prompts, completions, completion_ids))
         return [0.0] * len(completions)
 
-    precompute_rewards(dataset, model, record, reference_args(tmp_path), processing_class=tokenizer)
+    args = reference_args(tmp_path, keep_ref_completions=True)
+    result = precompute_rewards(dataset, model, record, args, processing_class=tokenizer)
     prompt, completion, completion_ids = seen[0]
     assert prompt == [{"role": "user", "content": PROMPTS[0]}]
     assert completion[0]["role"] == "assistant"
     assert completion[0]["content"] == tokenizer.decode(completion_ids, skip_special_tokens=True)
     assert 0 < len(completion_ids) <= 6
+    # The expanded rows hold the completions as the reward function got them
+    assert result["completion"] == [completion for _, completion, _ in seen]
+    assert result[0]["ref_completions"] == result["completion"][:3]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -221,15 +260,15 @@ def test_interrupted_run_resumes_after_the_last_chunk(model, tokenizer, tmp_path
     with pytest.raises(RuntimeError, match=r"Reward function 'flaky_length_reward' raised ConnectionError on the completions of rows \d+ to \d+ of the train dataset: judge unavailable"):
         precompute_rewards(dataset, model, flaky_length_reward, args, processing_class=tokenizer)
     scoring_dir = glob.glob(str(tmp_path / "cache" / "scoring-*"))[0]
-    # The two completed chunks, no partial file, no result
-    assert sorted(os.listdir(scoring_dir)) == ["chunk-000000000-000000003.json", "chunk-000000003-000000006.json"]
+    # The two completed chunks, no partial file
+    assert chunk_files(scoring_dir) == [(0, 3), (3, 6)]
     sampling_calls = CALLS["generate"]
 
     FAILURE["after_calls"] = None
     CALLS.update(reward=0, generate=0)
     resumed = precompute_rewards(dataset, model, flaky_length_reward, args, processing_class=tokenizer)
     assert CALLS == {"reward": 2, "generate": 0}  # the two remaining chunks; the sampling pass was complete
-    assert os.listdir(scoring_dir) == ["result.json"]
+    assert chunk_files(scoring_dir) == [(0, 3), (3, 6), (6, 9), (9, 12)]
 
     uninterrupted_args = reference_args(tmp_path / "fresh", reference_chunk_size=3)
     uninterrupted = precompute_rewards(dataset, model, flaky_length_reward, uninterrupted_args, processing_class=tokenizer)
@@ -256,6 +295,98 @@ def test_interrupted_sampling_resumes(model, tokenizer, tmp_path):
     assert CALLS["generate"] == 1
     uninterrupted = precompute_rewards(dataset, model, length_reward, reference_args(tmp_path / "fresh"), processing_class=tokenizer)
     assert resumed.to_dict() == uninterrupted.to_dict()
+
+
+RUN_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "reference_stage_run.py")
+
+
+def test_killed_run_resumes_with_the_uninterrupted_result(tiny_llama_path, tmp_path):
+    """A run killed with SIGKILL after some chunks, run again, computes only the others and gives the same result."""
+    cache = tmp_path / "cache"
+
+    def command(name, delay):
+        return [
+            sys.executable, RUN_SCRIPT, "--model", tiny_llama_path, "--cache_dir", str(cache),
+            "--output", str(tmp_path / f"{name}.json"), "--generate_delay", str(delay),
+        ]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "killed.log", "w") as log:
+        killed = subprocess.Popen(command("killed", 0.5), env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while len(glob.glob(str(cache / "sampling-*" / "chunk-*"))) < 2:  # 5 chunks of one generate call each
+            assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+    (sampling_dir,) = glob.glob(str(cache / "sampling-*"))
+    done = len(glob.glob(os.path.join(sampling_dir, "chunk-*")))
+    assert 2 <= done < 5 and not (tmp_path / "killed.json").exists()
+
+    subprocess.run(command("resumed", 0.0), env=env, check=True, capture_output=True, timeout=300)
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["generate_calls"] == 5 - done
+    assert chunk_files(sampling_dir) == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 15)]
+    args = ReferenceConfig(
+        num_generations=3, max_completion_length=6, generation_batch_size=4, reference_chunk_size=3,
+        keep_ref_completions=True, reference_cache_dir=str(tmp_path / "fresh"),
+    )
+    uninterrupted = precompute_rewards(
+        Dataset.from_dict({"prompt": PROMPTS}), AutoModelForCausalLM.from_pretrained(tiny_llama_path), length_reward,
+        args, AutoTokenizer.from_pretrained(tiny_llama_path),
+    )
+    assert resumed["result"] == uninterrupted.to_dict()
+
+
+def test_damaged_cache_files_are_recomputed(model, tokenizer, tmp_path, caplog):
+    dataset = Dataset.from_dict({"prompt": PROMPTS})
+    # One prompt per sampling chunk: 5 chunks, and 15 completions scored in 5 chunks
+    args = reference_args(tmp_path, keep_ref_completions=True, reference_chunk_size=3)
+    # Read before the damage: the result memory-maps the cache file that is overwritten below
+    first = precompute_rewards(dataset, model, flaky_length_reward, args, processing_class=tokenizer).to_dict()
+    sampling = sorted(glob.glob(str(tmp_path / "cache" / "sampling-*" / "chunk-*")))
+    scoring = sorted(glob.glob(str(tmp_path / "cache" / "scoring-*" / "chunk-*")))
+    (output,) = glob.glob(str(tmp_path / "cache" / "output-*" / "chunk-*"))
+    assert len(sampling) == len(scoring) == 5
+    # Cut short (killed while writing, on a file system without atomic rename; a full disk), or overwritten in place
+    for path in (sampling[1], scoring[0]):
+        os.truncate(path, os.path.getsize(path) // 2)
+    with open(sampling[3], "r+b") as file:
+        file.seek(os.path.getsize(sampling[3]) // 2)
+        file.write(b"\0" * 8)
+    with open(output, "wb") as file:
+        file.write(b"not an arrow file")
+    # What a run killed while writing leaves
+    (tmp_path / "cache" / os.path.basename(os.path.dirname(sampling[0])) / ".tmp-0123").write_bytes(b"\0" * 100)
+
+    CALLS.update(reward=0, generate=0)
+    again = precompute_rewards(dataset, model, flaky_length_reward, args, processing_class=tokenizer)
+    # The two sampling chunks (sampled again as they were: their scores still hold) and the scoring chunk
+    assert CALLS == {"generate": 2, "reward": 1}
+    assert again.to_dict() == first
+    for path in (sampling[1], sampling[3], scoring[0], output):
+        assert f"cache file {path} is damaged" in caplog.text
+    assert "do not match the digest in its name" in caplog.text
+    assert len(chunk_files(os.path.dirname(sampling[0]))) == 5  # and the temporary file is gone
+
+
+def test_full_disk_is_a_clear_error(model, tokenizer, tmp_path, monkeypatch):
+    from qrpo_trl.reference_stage import storage
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage._HashingFile, "write", full_disk)
+    args = reference_args(tmp_path)
+    match = f"No space left to write the reference stage's cache in {re.escape(str(tmp_path / 'cache'))}/sampling-"
+    with pytest.raises(OSError, match=match):
+        precompute_rewards(completions_dataset(), model, length_reward, args, processing_class=tokenizer)
+    # Nothing was left that a rerun could take for a result
+    assert [name for _, _, names in os.walk(tmp_path / "cache") for name in names] == []
+    monkeypatch.undo()
+    result = precompute_rewards(completions_dataset(), model, length_reward, args, processing_class=tokenizer)
+    assert len(result["ref_rewards"]) == 6
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -385,8 +516,9 @@ def test_bad_reward_function(model, tokenizer, tmp_path, reward_func, error, mat
     with pytest.raises(error, match=match):
         precompute_rewards(dataset, model, reward_func, reference_args(tmp_path, reference_chunk_size=100), processing_class=tokenizer)
     # The sampling pass is complete and cached; nothing of the failed scoring pass was written
-    assert [os.path.basename(path) for path in glob.glob(str(tmp_path / "cache" / "*" / "*"))] == ["result.json"]
-    assert glob.glob(str(tmp_path / "cache" / "sampling-*" / "result.json"))
+    (sampling_dir,) = glob.glob(str(tmp_path / "cache" / "sampling-*"))
+    assert chunk_files(sampling_dir) == [(0, 18)]  # 6 distinct (prompt, prompt_index) x 3
+    assert glob.glob(str(tmp_path / "cache" / "*" / "*")) == glob.glob(os.path.join(sampling_dir, "*"))
 
 
 def test_reward_model_id_that_cannot_be_loaded_offline(tiny_llama_path, tokenizer, tmp_path):
@@ -436,3 +568,36 @@ def test_two_processes_match_one(tiny_llama_path, tiny_reward_model_path, tmp_pa
     assert double["completion"] == single["completion"]
     for key in ("reward", "ref_rewards", "trainer_ref_rewards", "trainer_reward", "trainer_losses"):
         np.testing.assert_allclose(double[key], single[key], rtol=1e-5, err_msg=key)
+    # Each process wrote the chunks it computed (dealt round-robin) to the cache they share; the main process wrote the
+    # joined columns. Nothing computed went through another process.
+    for name, num_processes in (("one", 1), ("two", 2)):
+        for kind in ("sampling", "scoring", "output"):
+            (directory,) = glob.glob(str(tmp_path / f"cache-{name}" / "function" / f"{kind}-*"))
+            writers = [
+                pa.ipc.open_stream(pa.memory_map(os.path.join(directory, file))).schema.metadata
+                for file in sorted(os.listdir(directory))
+            ]
+            assert {writer[b"num_processes"] for writer in writers} == {str(num_processes).encode()}
+            expected = [0] if kind == "output" else [index % num_processes for index in range(len(writers))]
+            assert [int(writer[b"process_index"]) for writer in writers] == expected, (name, kind)
+            assert len(writers) > 2 or kind == "output"
+
+
+@pytest.mark.slow
+def test_failure_on_one_process_stops_every_process(tiny_llama_path, tiny_reward_model_path, tmp_path):
+    """
+    A reward function failing on process 1 stops the run with its error (no process left waiting), after process 0
+    scored and kept its own chunks. (Each process raises; the launcher may stop process 0 before it prints its own.)
+    """
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
+        "--model", tiny_llama_path, "--reward_model", tiny_reward_model_path, "--cache_dir", str(tmp_path / "cache"),
+        "--output", str(tmp_path / "out.json"), "--fail_on_process_1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert completed.returncode != 0
+    assert "Reward function 'judge_down_on_process_1' raised ConnectionError" in completed.stderr
+    # 9 sampled and 12 own completions in chunks of 4: process 0 scores the 1st, 3rd and 5th
+    (scoring_dir,) = glob.glob(str(tmp_path / "cache" / "function" / "scoring-*"))
+    assert chunk_files(scoring_dir) == [(0, 4), (8, 12), (16, 20)]

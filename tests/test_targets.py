@@ -10,6 +10,8 @@ import torch
 from qrpo_trl.targets import (
     TRANSFORMS,
     beta_log_partition,
+    label_means,
+    own_reward_index,
     pad_ragged,
     quantile_rewards,
     reference_stds,
@@ -162,7 +164,8 @@ def test_rpo_value_matches_direct_float64():
     rewards = rng.normal(size=6)
     ref_logps = rng.uniform(-6, -1, size=6)
     for tau in (0.1, 1.0, 5.0):
-        values = rpo_values(groups, rewards, ref_logps, tau, "ref_weighted")
+        values = rpo_values(groups, rewards, ref_logps, tau, "ref_weighted", completions=np.arange(6))
+        np.testing.assert_array_equal(values, rpo_values(groups, rewards, ref_logps, tau, "ref_weighted_rows"))
         direct = {g: tau * np.log(np.sum(np.exp(ref_logps[groups == g]) * np.exp(rewards[groups == g] / tau))) for g in range(3)}
         np.testing.assert_allclose(values, [direct[g] for g in groups], rtol=1e-12)
         mc = rpo_values(groups, rewards, ref_logps, tau, "monte_carlo")
@@ -177,7 +180,7 @@ def test_rpo_value_is_finite_for_sequence_log_probs():
     tau = 0.5
     # The direct sum of probabilities underflows to 0 in float64 (and float32)
     assert np.sum(np.exp(ref_logps[:3]) * np.exp(rewards[:3] / tau)) == 0.0
-    values = rpo_values(groups, rewards, ref_logps, tau)
+    values = rpo_values(groups, rewards, ref_logps, tau, completions=np.arange(4))
     assert np.all(np.isfinite(values))
     exact = [
         float(tau * mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(lp) + mpmath.mpf(r) / tau) for lp, r in zip(ref_logps[:3], rewards[:3])))),
@@ -187,6 +190,43 @@ def test_rpo_value_is_finite_for_sequence_log_probs():
     # At the optimum the policy puts probability exp(logp_ref + (r - V)/tau) on each completion: a softmax that sums to 1
     log_probs = ref_logps[:3] + (rewards[:3] - values[:3]) / tau
     assert np.exp(log_probs).sum() == pytest.approx(1.0, rel=1e-12)
+
+
+def test_rpo_value_counts_each_distinct_completion_once():
+    # Prompt 0: completion a twice (rewards 0 and 1), b once; prompt 1: c three times; prompt 2: d and e
+    groups = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    completions = np.array([0, 1, 0, 2, 2, 2, 3, 4])
+    rewards = np.array([0.0, 2.0, 1.0, -1.0, -1.0, -1.0, 0.3, 0.7])
+    ref_logps = np.array([-3.0, -5.0, -3.0 + 1e-9, -2.0, -2.0, -2.0, -4.0, -6.0])
+    np.testing.assert_allclose(label_means(completions, rewards), [0.5, 2.0, 0.5, -1.0, -1.0, -1.0, 0.3, 0.7])
+    for tau in (0.1, 1.0):
+        values = rpo_values(groups, rewards, ref_logps, tau, "ref_weighted", completions=completions)
+        # Direct float64 sum over the distinct completions, each with its mean reward and mean reference log-prob
+        distinct = {}
+        for g, c, r, lp in zip(groups, completions, rewards, ref_logps):
+            distinct.setdefault((g, c), []).append((r, lp))
+        direct = {g: 0.0 for g in range(3)}
+        for (g, _), terms in distinct.items():
+            r, lp = np.mean(terms, axis=0)
+            direct[g] += np.exp(lp) * np.exp(r / tau)
+        np.testing.assert_allclose(values, [tau * np.log(direct[g]) for g in groups], rtol=1e-12)
+        # At the optimum the distinct completions' probabilities sum to 1; counting rows gives less
+        first = np.unique(completions, return_index=True)[1]
+        optimum = np.exp(ref_logps + (label_means(completions, rewards) - values) / tau)[first]
+        np.testing.assert_allclose(np.bincount(groups[first], weights=optimum), 1.0, rtol=1e-9)
+        rows = rpo_values(groups, rewards, ref_logps, tau, "ref_weighted_rows")
+        assert np.all(rows[:6] > values[:6])  # prompts with a duplicate: the row sum counts it twice
+        # Monte Carlo: every row is a draw from the reference and counts
+        mc = rpo_values(groups, rewards, ref_logps, tau, "monte_carlo", completions=completions)
+        np.testing.assert_allclose(mc[3], tau * np.log(np.mean(np.exp(rewards[3:6] / tau))), rtol=1e-12)
+
+
+def test_own_reward_index_prefers_the_equal_reference():
+    assert own_reward_index(np.array([0.5000001, 0.5, 0.2, 0.9]), 0.5) == 1
+    assert own_reward_index(np.array([0.2, 0.50000004, 0.5000001, 0.9]), 0.5) == 1  # nearest within tolerance
+    assert own_reward_index(np.array([0.2, 0.9]), 0.5) is None
+    q = quantile_rewards(np.array([0.5]), np.delete([0.5000001, 0.5, 0.2, 0.9], 1)[None, :])
+    assert q[0] == pytest.approx(1 / 3)
 
 
 def test_invalid_arguments():

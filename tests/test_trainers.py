@@ -121,7 +121,10 @@ def test_rpo_first_loss_equals_the_paper_formula(tiny_llama_path, dataset, tmp_p
 
 
 @METHODS
-@pytest.mark.parametrize("reward_columns", [("chosen_reward", "rejected_reward"), ("score_chosen", "score_rejected")])
+@pytest.mark.parametrize(
+    "reward_columns",
+    [("chosen_reward", "rejected_reward"), ("score_chosen", "score_rejected"), ("chosen_rewards", "rejected_rewards")],
+)
 def test_paired_dataset_is_unpaired(tiny_llama_path, tmp_path, trainer_class, config_class, reward_columns):
     paired = Dataset.from_dict(
         {
@@ -221,6 +224,12 @@ def test_qrpo_excludes_the_sample_own_reward(tiny_llama_path, tmp_path):
     trainer = QRPOTrainer(model=tiny_llama_path, args=args, train_dataset=Dataset.from_dict(rows))
     # One copy of the own reward is removed, then the first 4 remaining references are used
     np.testing.assert_allclose(trainer.train_dataset["quantile"], [1 / 4, 2 / 4, 3 / 4, 1])
+    # The reference equal to the reward is removed, not a merely close one listed before it
+    rows = {"prompt": ["hello"], "completion": [" yes"], "reward": [0.5], "ref_rewards": [[0.5000001, 0.5, 0.2, 0.9]]}
+    args = make_args(QRPOConfig, tmp_path, exclude_self_from_ref=True)
+    trainer = QRPOTrainer(model=tiny_llama_path, args=args, train_dataset=Dataset.from_dict(rows))
+    np.testing.assert_allclose(trainer.train_dataset["quantile"], [1 / 3])
+
 
 def test_qrpo_precomputed_quantile_column(tiny_llama_path, tmp_path):
     dataset = Dataset.from_dict({"prompt": ["hello"] * 2, "completion": [" yes", " no"], "reward": [1.0, 0.0], "quantile_reward": [0.75, 0.25]})

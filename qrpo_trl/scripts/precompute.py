@@ -83,7 +83,11 @@ def main(script_args, reference_args, model_args, dataset_args):
     processing_class = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
     if processing_class.pad_token is None:
         processing_class.pad_token = processing_class.eos_token
-    reward_functions = RewardFunctions(script_args.resolved_reward_funcs(), reward_weights=reference_args.reward_weights)
+    reward_functions = RewardFunctions(
+        script_args.resolved_reward_funcs(),
+        reward_weights=reference_args.reward_weights,
+        trust_remote_code=reference_args.reward_model_trust_remote_code,
+    )
     stage = ReferenceStage(model, processing_class, reward_functions, reference_args)
     completed = DatasetDict(
         {split: stage.run(data, script_args.add_ref_rewards, split) for split, data in dataset.items()}

@@ -24,12 +24,19 @@ def length_reward(completions, **kwargs):
     return [float(len(completion.split())) for completion in completions]
 
 
+def judge_down_on_process_1(completions, **kwargs):
+    if PartialState().process_index == 1:
+        raise ConnectionError("judge unavailable")
+    return length_reward(completions)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--reward_model", required=True)
     parser.add_argument("--cache_dir", required=True)
     parser.add_argument("--output", required=True)
+    parser.add_argument("--fail_on_process_1", action="store_true", help="Only the stage, with a judge failing there.")
     cli = parser.parse_args()
 
     state = PartialState(cpu=True)  # without it, accelerate sees a single process under torchrun on a CPU machine
@@ -42,6 +49,9 @@ def main():
         reward_weights=[1.0, 2.0], reference_cache_dir=os.path.join(cli.cache_dir, "function"),
     )
     config = ReferenceConfig(keep_ref_completions=True, **settings)
+    if cli.fail_on_process_1:
+        precompute_rewards(dataset, cli.model, [judge_down_on_process_1, cli.reward_model], config)
+        return
     completed = precompute_rewards(dataset, cli.model, reward_funcs, config)
 
     settings["reference_cache_dir"] = os.path.join(cli.cache_dir, "trainer")

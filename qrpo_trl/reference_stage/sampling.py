@@ -1,0 +1,197 @@
+"""
+Sampling from the reference model: each completion from its own random stream (seeded by the seed, the prompt's token
+ids and the completion's index), with `model.generate` or vLLM.
+"""
+
+import functools
+import hashlib
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.utils import is_torch_cuda_available
+from trl.import_utils import is_vllm_available
+from trl.trainer.utils import get_config_model_id
+
+from ..reference_config import ReferenceStageFields
+
+
+class PerSequenceSampler(LogitsProcessor):
+    """
+    Samples each sequence of a batch from its own random stream, so that a completion depends on its seed only, not on
+    the other sequences of its batch, nor on the process that generates it.
+
+    It returns `softmax(scores) / E` with `E ~ Exp(1)` drawn per token from the sequence's generator: the argmax of that
+    is a sample of `softmax(scores)` (exponential race, equivalent to the Gumbel-max trick), so it is used with greedy
+    decoding (`do_sample=False`), after the temperature / top-k / top-p warpers. Tokens they filtered out have
+    probability 0 and are never picked.
+    """
+
+    def __init__(self, seeds: list[int]):
+        self.seeds = seeds
+        self.generators = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(seed) for seed in self.seeds]
+        uniforms = torch.empty_like(scores, dtype=torch.float32)
+        for row, generator in zip(uniforms, self.generators, strict=True):
+            row.uniform_(generator=generator)
+        # -log(u) ~ Exp(1) (faster than `exponential_`); u is in [0, 1), so it is > 0 and never NaN with p = 0
+        return scores.float().softmax(dim=-1) / -uniforms.log()
+
+
+def completion_seed(seed: int, prompt_ids: list[int], index: int) -> int:
+    """Seed of the `index`-th completion of a prompt: a 63-bit hash of the seed, the prompt's ids and the index."""
+    return completion_seeds(seed, prompt_ids, index + 1)[index]
+
+
+def completion_seeds(seed: int, prompt_ids: list[int], num_completions: int) -> list[int]:
+    """The seeds of a prompt's first `num_completions` completions (its ids are formatted once, not once each)."""
+    ids = str([int(token) for token in prompt_ids])  # the text of a list of Python ints, whatever the input
+    return [
+        int.from_bytes(hashlib.blake2b(f"{seed}:{index}:{ids}".encode(), digest_size=8).digest(), "little") >> 1
+        for index in range(num_completions)
+    ]
+
+
+def eos_token_ids(model, processing_class) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return sorted({*eos, processing_class.eos_token_id} - {None})
+
+
+def generate_completions(
+    model, processing_class, prompt_ids: list[list[int]], seeds: list[int], args: ReferenceStageFields,
+    progress: Callable[[int, int], None] = lambda completions, tokens: None,
+) -> list[list[int]]:
+    """
+    Sample one completion per prompt with `model.generate`: prompts sorted by length (less padding), batches of
+    `args.generation_batch_size`, each sequence from its own seed (see [`PerSequenceSampler`]). A decoder-only model's
+    prompts are padded on the left and continued; an encoder-decoder model's are its encoder inputs, padded on the
+    right, and the completion is what its decoder generates after the decoder start token. Returns the completion token
+    ids, up to and including the first EOS token.
+    """
+    completions = generate_completion_arrays(model, processing_class, prompt_ids, seeds, args, progress)
+    return [ids.tolist() for ids in completions]
+
+
+@torch.no_grad()
+def generate_completion_arrays(
+    model, processing_class, prompt_ids: list[list[int]], seeds: list[int], args: ReferenceStageFields,
+    progress: Callable[[int, int], None] = lambda completions, tokens: None,
+) -> list[np.ndarray]:
+    """[`generate_completions`], each completion's ids as a NumPy array (no Python object per token)."""
+    is_encoder_decoder = model.config.is_encoder_decoder
+    padding_side = "right" if is_encoder_decoder else "left"
+    eos_ids = eos_token_ids(model, processing_class)
+    generation_config = GenerationConfig(
+        max_new_tokens=args.max_completion_length,
+        do_sample=False,  # sampling is done by PerSequenceSampler
+        num_beams=1,
+        repetition_penalty=1.0,  # overrides a model default: samples must come from the reference model itself
+        pad_token_id=processing_class.pad_token_id,
+        eos_token_id=eos_ids,
+    )
+    warpers = []
+    if args.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(args.temperature))
+    if args.top_k > 0:
+        warpers.append(TopKLogitsWarper(args.top_k))
+    if args.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(args.top_p))
+    completions = [None] * len(prompt_ids)
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), args.generation_batch_size):
+        batch = order[start : start + args.generation_batch_size]
+        input_ids, attention_mask = _padded([prompt_ids[i] for i in batch], processing_class.pad_token_id, padding_side)
+        sequences = model.generate(
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
+            generation_config=generation_config,
+            logits_processor=LogitsProcessorList([*warpers, PerSequenceSampler([seeds[i] for i in batch])]),
+        )
+        # The decoder's output starts with its start token; a decoder-only model's with the (padded) prompt
+        generated = sequences[:, 1 if is_encoder_decoder else input_ids.shape[1] :]
+        is_eos = torch.isin(generated, torch.tensor(eos_ids, dtype=generated.dtype, device=generated.device))
+        lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, generated.shape[1]).tolist()
+        for i, ids, length in zip(batch, generated.cpu().numpy(), lengths, strict=True):
+            completions[i] = ids[:length]
+        progress(len(batch), sum(lengths))
+    model.train(was_training)
+    return completions
+
+
+def _padded(sequences: list[list[int]], pad_token_id: int, padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask of token sequences padded to the longest."""
+    width = max(map(len, sequences))
+    input_ids = np.full((len(sequences), width), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, ids in enumerate(sequences):
+        columns = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
+        input_ids[row, columns] = ids
+        attention_mask[row, columns] = 1
+    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+
+
+@functools.lru_cache(maxsize=1)
+def _vllm_engine(model_path: str, gpu_memory_utilization: float):
+    from trl.trainer.utils import ensure_master_addr_port
+    from vllm import LLM
+
+    # Every process runs its own engine (TRL's "colocate" mode), on the process group torchrun/accelerate set up
+    state = PartialState()
+    os.environ.setdefault("RANK", str(state.process_index))
+    os.environ.setdefault("LOCAL_RANK", str(state.local_process_index))
+    os.environ.setdefault("WORLD_SIZE", str(state.num_processes))
+    ensure_master_addr_port()
+    return LLM(
+        model=model_path,
+        gpu_memory_utilization=gpu_memory_utilization,
+        distributed_executor_backend="external_launcher",
+    )
+
+
+def generate_completions_vllm(
+    model, prompt_ids: list[list[int]], seeds: list[int], args: ReferenceStageFields,
+    progress: Callable[[int, int], None] = lambda completions, tokens: None,
+) -> list[list[int]]:
+    """The vLLM counterpart of [`generate_completions`]: one request per completion, with its own seed."""
+    if model.config.is_encoder_decoder:
+        raise ValueError(
+            "`use_vllm=True`: sampling with vLLM does not support encoder-decoder models such as T5 here; set "
+            "`use_vllm=False` to sample with `model.generate`."
+        )
+    if not is_vllm_available():
+        raise ImportError("`use_vllm=True` needs vLLM: `pip install vllm`.")
+    if not is_torch_cuda_available():
+        raise ValueError("`use_vllm=True` needs a CUDA GPU.")
+    if hasattr(model, "peft_config"):
+        raise ValueError("`use_vllm=True` loads the reference model from its path, which a PEFT model does not have.")
+    from vllm import SamplingParams
+
+    llm = _vllm_engine(get_config_model_id(model.config), args.vllm_gpu_memory_utilization)
+    sampling_params = [
+        SamplingParams(
+            n=1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or -1,
+            max_tokens=args.max_completion_length, seed=seed,
+        )
+        for seed in seeds
+    ]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params, use_tqdm=False)
+    completions = [list(output.outputs[0].token_ids) for output in outputs]
+    progress(len(completions), sum(map(len, completions)))
+    return completions
+
