@@ -62,16 +62,16 @@ class DemoConfig:
         default_factory=lambda: [0.01, 0.03, 0.1, 0.3], metadata={"help": "Frontier: betas of QRPO (identity)."}
     )
     qrpo_log_betas: list[float] = field(
-        default_factory=lambda: [0.03, 0.1, 0.3, 1.0], metadata={"help": "Frontier: betas of QRPO (log)."}
+        default_factory=lambda: [0.1, 0.3, 1.0, 3.0], metadata={"help": "Frontier: betas of QRPO (log)."}
     )
     rpo_betas: list[float] = field(
         default_factory=lambda: [0.01, 0.03, 0.1, 0.3], metadata={"help": "Frontier: betas (tau) of RPO."}
     )
     dpo_betas: list[float] = field(
-        default_factory=lambda: [0.03, 0.1, 0.3, 1.0], metadata={"help": "Frontier: betas of DPO (best vs worst)."}
+        default_factory=lambda: [0.1, 0.3, 1.0, 3.0], metadata={"help": "Frontier: betas of DPO (best vs worst)."}
     )
     kto_betas: list[float] = field(
-        default_factory=lambda: [0.1, 0.3, 1.0, 3.0], metadata={"help": "Frontier: betas of KTO (vs median)."}
+        default_factory=lambda: [0.3, 1.0, 3.0, 10.0], metadata={"help": "Frontier: betas of KTO (vs median)."}
     )
     output_dir: str = field(
         default="outputs/demo", metadata={"help": "Where the results (JSON, PNG plots) and the trained adapters go."}

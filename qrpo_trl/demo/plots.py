@@ -113,6 +113,7 @@ def frontier(methods: dict[str, list[dict]], path: str) -> None:
     axis.axhline(0, color="gray", linestyle="--", linewidth=1)
     # KLs span decades; symlog keeps a policy that did not move (KL 0) on the plot
     axis.set_xscale("symlog", linthresh=0.1)
+    axis.set_xlim(left=0)  # a KL is >= 0: no negative decades
     axis.set(
         xlabel="KL to the reference (nats per completion, 95% CI)", ylabel="held-out reward - reference (95% CI)",
         title="Reward gain against KL over beta (labels), same data and budget",
