@@ -7,18 +7,31 @@ import os
 import pytest
 
 from qrpo_trl.demo.__main__ import main, parse_config
+from qrpo_trl.demo.frontier import gain_at_kl
 
 
-# The quick variant shrunk to seconds: a few SFT steps, 2 samples of 8 tokens per prompt, a few QRPO steps
+# The quick variant shrunk to seconds: a few SFT steps, 2 samples of 8 tokens per prompt, 8 training steps
 TINY = [
     "--quick", "--sft_steps", "4", "--num_heldout_topics", "4", "--rules_per_topic", "1", "--max_train_prompts", "8",
     "--num_generations", "2", "--num_eval_generations", "2", "--max_completion_length", "8",
+    "--per_device_train_batch_size", "4",
 ]  # fmt: skip
+METHODS = ["QRPO (identity)", "QRPO (log)", "RPO", "DPO (best vs worst)", "KTO (vs median)"]
 
 
-def run_tiny(tmp_path, *flags):
-    output_dir = str(tmp_path / "out")
+def run_tiny(tmp_path, *flags, output="out"):
+    output_dir = str(tmp_path / output)
     return output_dir, main([*TINY, "--output_dir", output_dir, "--cache_dir", str(tmp_path / "cache"), *flags])
+
+
+def read_json(directory, name):
+    with open(os.path.join(directory, name)) as file:
+        return json.load(file)
+
+
+def assert_png(directory, name):
+    with open(os.path.join(directory, name), "rb") as file:
+        assert file.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def check_policy_figures(figures: dict, num_prompts: int, num_samples: int):
@@ -27,7 +40,12 @@ def check_policy_figures(figures: dict, num_prompts: int, num_samples: int):
     low, high = figures["reward_difference_ci95"]
     assert low <= figures["reward_difference"] <= high
     assert 0 <= figures["win_rate"] <= 1
-    assert math.isfinite(figures["kl"]) and figures["mean_words"] >= 0
+    assert figures["mean_words"] >= 0
+    # The KL estimates: the exact next-token KL is >= 0 per sample; no estimate is below 0 beyond its interval
+    assert figures["kl"] >= 0 and figures["kl_per_token"] >= 0
+    for name in ["kl", "kl_log_ratio", "kl_per_token"]:
+        low, high = figures[f"{name}_ci95"]
+        assert math.isfinite(figures[name]) and low <= figures[name] <= high and high >= 0, (name, figures)
     assert set(figures["rule_scores"]) >= {"keyword", "max_words", "gate"}
 
 
@@ -48,24 +66,61 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert any("loss" in entry and "quantile" in entry for entry in written["training_log"])
     assert written["qrpo"] == json.loads(json.dumps(results["qrpo"]))
     for name in ["rewards.png", "training.png"]:
-        with open(os.path.join(output_dir, name), "rb") as file:
-            assert file.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert_png(output_dir, name)
     for name in ["reference", "qrpo"]:
         with open(os.path.join(output_dir, f"heldout_samples_{name}.jsonl")) as file:
             assert len(file.readlines()) == 8
     assert os.path.exists(os.path.join(output_dir, "qrpo", "adapter_config.json"))
 
 
-def test_compare_mode_trains_every_method(tmp_path):
-    output_dir, results = run_tiny(tmp_path, "--compare")
-    with open(os.path.join(output_dir, "comparison.json")) as file:
-        written = json.load(file)
-    methods = ["QRPO (identity)", "QRPO (log)", "RPO", "DPO (best vs worst)", "KTO (vs median)"]
-    assert list(written["methods"]) == methods
+def test_compare_mode_trains_every_method_and_repeats_its_table(tmp_path):
+    output_dir, _ = run_tiny(tmp_path, "--compare")
+    written = read_json(output_dir, "comparison.json")
+    assert list(written["methods"]) == METHODS
     for figures in written["methods"].values():
         check_policy_figures(figures, 4, 2)
-    with open(os.path.join(output_dir, "reward_vs_kl.png"), "rb") as file:
-        assert file.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert any(figures["kl"] > 0 for figures in written["methods"].values())  # the policies moved
+    assert_png(output_dir, "reward_vs_kl.png")
+
+    # Rerun (from the cached reference stage): the same figures
+    rerun_dir, _ = run_tiny(tmp_path, "--compare", output="rerun")
+    rerun = read_json(rerun_dir, "comparison.json")
+    for name, figures in written["methods"].items():
+        assert {k: v for k, v in rerun["methods"][name].items() if k != "train_seconds"} == {
+            k: v for k, v in figures.items() if k != "train_seconds"
+        }, name
+
+
+def test_frontier_sweeps_betas_and_repeats_its_points(tmp_path):
+    flags = ["--frontier", "--methods", "qrpo_log", "dpo", "--qrpo_log_betas", "0.1", "1", "--dpo_betas", "0.1", "1"]
+    output_dir, details = run_tiny(tmp_path, *flags)
+    frontier = read_json(output_dir, "frontier.json")
+    assert list(frontier) == ["methods"] and list(frontier["methods"]) == ["QRPO (log)", "DPO (best vs worst)"]
+    for name, points in frontier["methods"].items():
+        assert [point["beta"] for point in points] == [0.1, 1.0]
+        for point in points:
+            assert list(point) == ["beta", "kl", "reward_difference", "reward_difference_ci95", "win_rate"]
+        for point in details["methods"][name]:
+            check_policy_figures(point, 4, 2)
+    # A larger beta keeps DPO closer to the reference
+    dpo = frontier["methods"]["DPO (best vs worst)"]
+    assert dpo[1]["kl"] < dpo[0]["kl"]
+    assert_png(output_dir, "frontier.png")
+    assert read_json(output_dir, "frontier_details.json")["gain_at_matched_kl"].keys() == frontier["methods"].keys()
+
+    rerun_dir, _ = run_tiny(tmp_path, *flags, output="rerun")
+    assert read_json(rerun_dir, "frontier.json") == frontier
+
+
+def test_gain_at_matched_kl_interpolates_in_log_kl():
+    points = [
+        {"kl": 1.0, "reward_difference": 0.1},
+        {"kl": 0.1, "reward_difference": 0.0},
+        {"kl": 10.0, "reward_difference": 0.4},
+    ]
+    assert gain_at_kl(points, math.sqrt(0.1)) == pytest.approx(0.05)
+    assert gain_at_kl(points, 10**0.25) == pytest.approx(0.175)
+    assert gain_at_kl(points, 0.05) is None and gain_at_kl(points, 11.0) is None
 
 
 def test_quick_defaults_and_overrides():
@@ -83,6 +138,9 @@ def test_quick_defaults_and_overrides():
         (["--num_heldout_topics", "48"], "num_heldout_topics"),
         (["--max_train_prompts", "0"], "max_train_prompts"),
         (["--transform", "cube"], "transform"),
+        (["--methods", "qrpo", "dpo"], "methods"),
+        (["--compare", "--frontier"], "two modes"),
+        (["--dpo_betas", "0.1", "0"], "dpo_betas"),
     ],
 )
 def test_bad_settings_are_refused(flags, message):

@@ -1,4 +1,5 @@
-"""`python -m qrpo_trl.demo [--quick] [--compare] [--config demo.yaml] [--field value ...]`: see `DemoConfig`."""
+"""`python -m qrpo_trl.demo [--quick] [--compare | --frontier] [--config demo.yaml] [--field value ...]`: see
+`DemoConfig`."""
 
 import argparse
 import os
@@ -30,6 +31,10 @@ def main(args: list[str] | None = None) -> dict:
         from .compare import run_comparison
 
         return run_comparison(config)
+    if config.frontier:
+        from .frontier import run_frontier
+
+        return run_frontier(config)
     from .pipeline import run
 
     return run(config)

@@ -15,7 +15,6 @@ KTOTrainer; evaluated like the demo.
 import json
 import math
 import os
-import re
 import time
 
 import numpy as np
@@ -24,8 +23,10 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from .. import RPOConfig, RPOTrainer, data_utils
 from . import evaluation, plots
-from .config import DemoConfig
-from .pipeline import StageTimer, evaluate_policy, load_model, lora_config, prepare, train_qrpo, training_arguments
+from .config import METHODS, DemoConfig
+from .pipeline import (
+    Setup, StageTimer, evaluate_policy, load_model, lora_config, prepare, train_qrpo, training_arguments,
+)
 
 
 def prompt_groups(train_data: Dataset) -> list[list[int]]:
@@ -62,70 +63,77 @@ def above_below_median(train_data: Dataset) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def run_comparison(config: DemoConfig) -> dict:
-    """Trains and evaluates every method; writes `comparison.json` and `reward_vs_kl.png` to `config.output_dir`."""
-    start = time.perf_counter()
-    timer = StageTimer()
-    setup = prepare(config, timer)
-    path, tokenizer, train_data = setup.path, setup.tokenizer, setup.train_data
+class MethodTrainer:
+    """Trains any method of the comparison at any `beta` from the same setup: data, LoRA, optimiser and budget."""
 
-    # The budget: QRPO's number of steps over all the completions, at `per_device_train_batch_size` completions a step
-    batch_size = config.per_device_train_batch_size
-    max_steps = math.ceil(len(train_data) / batch_size * config.num_train_epochs)
+    def __init__(self, config: DemoConfig, setup: Setup):
+        self.config, self.setup = config, setup
+        # The budget: QRPO's number of steps over all the completions, at `per_device_train_batch_size` a step
+        self.max_steps = math.ceil(
+            len(setup.train_data) / config.per_device_train_batch_size * config.num_train_epochs
+        )
+        self.datasets = {
+            "rpo": setup.train_data.remove_columns("ref_rewards"),
+            "dpo": best_vs_worst_pairs(setup.train_data),
+            "kto": above_below_median(setup.train_data),
+        }
 
-    def output_dir(name):
-        return os.path.join(config.output_dir, name)
-
-    def arguments(name):
-        return {**training_arguments(config, output_dir(name)), "max_steps": max_steps}
-
-    def train_trl(trainer_class, args, dataset):
-        model, _ = load_model(path)  # a fresh copy of the reference model for each method
+    def train(self, method: str, beta: float, output_dir: str):
+        """A fresh copy of the reference model trained by `method` (a key of `config.METHODS`); returns its trainer."""
+        config = self.config
+        model, tokenizer = load_model(self.setup.path)
+        if method in ("qrpo_identity", "qrpo_log"):
+            return train_qrpo(
+                model, tokenizer, self.setup.train_data, config, output_dir, max_steps=self.max_steps, beta=beta,
+                transform=method.removeprefix("qrpo_"),
+            )
+        arguments = {**training_arguments(config, output_dir), "max_steps": self.max_steps, "beta": beta}
+        if method == "rpo":
+            args = RPOConfig(**arguments, value_estimator="monte_carlo")
+            trainer_class = RPOTrainer
+        elif method == "dpo":
+            # Half as many pairs per step, so that a step processes as many completions
+            args = DPOConfig(
+                **arguments | {"per_device_train_batch_size": max(1, config.per_device_train_batch_size // 2)}
+            )
+            trainer_class = DPOTrainer
+        else:
+            args = KTOConfig(**arguments)
+            trainer_class = KTOTrainer
         trainer = trainer_class(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+            model=model, args=args, train_dataset=self.datasets[method], processing_class=tokenizer,
             peft_config=lora_config(config, model.config.num_hidden_layers),
         )
         trainer.train()
         return trainer
 
-    def train_qrpo_with(name, **overrides):
-        model, _ = load_model(path)
-        return train_qrpo(model, tokenizer, train_data, config, output_dir(name), max_steps=max_steps, **overrides)
-
-    methods = {
-        "QRPO (identity)": lambda: train_qrpo_with("qrpo_identity", transform="identity"),
-        "QRPO (log)": lambda: train_qrpo_with("qrpo_log", transform="log"),
-        "RPO": lambda: train_trl(
-            RPOTrainer,
-            RPOConfig(**arguments("rpo"), beta=config.beta, value_estimator="monte_carlo"),
-            train_data.remove_columns("ref_rewards"),
-        ),
-        "DPO (best vs worst)": lambda: train_trl(
-            DPOTrainer,
-            DPOConfig(
-                **{**arguments("dpo"), "per_device_train_batch_size": max(1, batch_size // 2)}, beta=config.beta
-            ),
-            best_vs_worst_pairs(train_data),
-        ),
-        "KTO (vs median)": lambda: train_trl(
-            KTOTrainer, KTOConfig(**arguments("kto"), beta=config.beta), above_below_median(train_data)
-        ),
-    }
-    results, logs = {}, {}
-    for name, train in methods.items():
-        with timer(f"{name}: training, {max_steps} steps"):
-            trainer = train()
-        results[name] = evaluate_policy(
-            trainer.model, tokenizer, setup.heldout, setup.reference, config, timer, _slug(name)
+    def train_and_evaluate(self, method: str, beta: float, name: str, timer: StageTimer) -> tuple[dict, list[dict]]:
+        """Held-out figures (as `evaluate_policy`, with the training time) and training log of `method` at `beta`."""
+        stage = f"{name}: training, {self.max_steps} steps"
+        with timer(stage):
+            trainer = self.train(method, beta, os.path.join(self.config.output_dir, name))
+        figures = evaluate_policy(
+            trainer.model, self.setup.tokenizer, self.setup.heldout, self.setup.reference, self.config, timer, name
         )
-        results[name]["train_seconds"] = timer.seconds[f"{name}: training, {max_steps} steps"]
-        logs[name] = trainer.state.log_history
+        return {**figures, "train_seconds": timer.seconds[stage]}, trainer.state.log_history
+
+
+def run_comparison(config: DemoConfig) -> dict:
+    """Trains and evaluates every method at `config.beta`; writes `comparison.json` and `reward_vs_kl.png`."""
+    start = time.perf_counter()
+    timer = StageTimer()
+    setup = prepare(config, timer)
+    methods = MethodTrainer(config, setup)
+    results, logs = {}, {}
+    for method in config.methods:
+        name = METHODS[method]
+        results[name], logs[name] = methods.train_and_evaluate(method, config.beta, method, timer)
 
     table = evaluation.format_table(setup.reference, results)
     output = {
-        "model": path,
+        "model": setup.path,
         "config": vars(config),
-        "max_steps": max_steps,
+        "max_steps": methods.max_steps,
         "reference": setup.reference,
         "methods": results,
         "training_logs": logs,
@@ -138,7 +146,3 @@ def run_comparison(config: DemoConfig) -> dict:
     print("\n" + table)
     print(f"\nTotal: {output['total_seconds']:.0f} s. Results and plot in {config.output_dir}/")
     return output
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")

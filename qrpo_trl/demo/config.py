@@ -7,6 +7,16 @@ from ..targets import TRANSFORMS
 from .task import TOPICS
 
 
+# The methods of `--compare` and `--frontier` (see `compare.py`), by the key that settings use, and their names
+METHODS = {
+    "qrpo_identity": "QRPO (identity)",
+    "qrpo_log": "QRPO (log)",
+    "rpo": "RPO",
+    "dpo": "DPO (best vs worst)",
+    "kto": "KTO (vs median)",
+}
+
+
 @dataclass
 class DemoConfig:
     r"""
@@ -35,6 +45,33 @@ class DemoConfig:
             "help": "Compare methods on the same scored completions and budget: QRPO (identity, log), RPO, DPO (best "
             "vs worst completion of each prompt) and KTO (above / below the prompt's median reward)."
         },
+    )
+    frontier: bool = field(
+        default=False,
+        metadata={
+            "help": "The reward-vs-KL frontier: every method of `methods` trained as in `--compare` at each beta of "
+            "its `<method>_betas`; writes frontier.json and frontier.png."
+        },
+    )
+    methods: list[str] = field(
+        default_factory=lambda: list(METHODS),
+        metadata={"help": f"Methods of `--compare` and `--frontier`, of: {', '.join(METHODS)}."},
+    )
+    # The frontier's betas: a method's KL falls as its beta grows, at a rate of its own, so each has its grid
+    qrpo_identity_betas: list[float] = field(
+        default_factory=lambda: [0.01, 0.03, 0.1, 0.3], metadata={"help": "Frontier: betas of QRPO (identity)."}
+    )
+    qrpo_log_betas: list[float] = field(
+        default_factory=lambda: [0.1, 0.3, 1.0, 3.0], metadata={"help": "Frontier: betas of QRPO (log)."}
+    )
+    rpo_betas: list[float] = field(
+        default_factory=lambda: [0.01, 0.03, 0.1, 0.3], metadata={"help": "Frontier: betas (tau) of RPO."}
+    )
+    dpo_betas: list[float] = field(
+        default_factory=lambda: [0.1, 0.3, 1.0, 3.0], metadata={"help": "Frontier: betas of DPO (best vs worst)."}
+    )
+    kto_betas: list[float] = field(
+        default_factory=lambda: [0.3, 1.0, 3.0, 10.0], metadata={"help": "Frontier: betas of KTO (vs median)."}
     )
     output_dir: str = field(
         default="outputs/demo", metadata={"help": "Where the results (JSON, PNG plots) and the trained adapters go."}
@@ -127,6 +164,14 @@ class DemoConfig:
         if self.max_train_prompts is not None and self.max_train_prompts < 1:
             raise ValueError(f"`max_train_prompts` must be >= 1 or None, got {self.max_train_prompts}.")
         check_choice("transform", self.transform, TRANSFORMS)
+        for method in self.methods:
+            check_choice("methods", method, METHODS)
+        if self.compare and self.frontier:
+            raise ValueError("`compare` and `frontier` are two modes: choose one.")
+        for method in METHODS:
+            betas = getattr(self, f"{method}_betas")
+            if not betas or any(not beta > 0 for beta in betas):
+                raise ValueError(f"`{method}_betas` must be a non-empty list of positive numbers, got {betas}.")
 
 
 # The quick variant: a tiny model that learns fast, so more samples and steps fit in about a minute

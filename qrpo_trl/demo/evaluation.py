@@ -1,19 +1,24 @@
 """
 Held-out evaluation of a policy against its reference model: rewards of sampled completions, a paired confidence
-interval over prompts, the win rate, a KL estimate and the completion lengths.
+interval over prompts, the win rate, the KL to the reference scored on the sampled token ids, and the completion
+lengths.
 
-The reference and the policy sample with the same per-completion seeds (the reference stage seeds each completion by
-the seed, the prompt and its index): where the policy has not moved, it draws the same completion as the reference,
+The reference and the policy sample with the same per-completion seeds (the reference stage's seed of the seed, the
+prompt and the completion's index): where the policy has not moved, it draws the same completion as the reference,
 so the paired difference carries less sampling noise.
 """
 
 import numpy as np
 import torch
 from datasets import Dataset
+from accelerate.utils import tqdm
 from scipy import stats
 from trl.trainer.utils import pad
 
-from .task import WORD, Rules, completion_text, gate
+from ..reference_config import ReferenceConfig
+from ..reference_stage import completion_seed, generate_completions
+from ..tokenization import tokenize_prompts
+from .task import WORD, Rules, completion_text, constraint_reward, gate
 
 
 def group_by_prompt(values, num_prompts: int) -> np.ndarray:
@@ -25,7 +30,7 @@ def paired_interval(differences: np.ndarray, confidence: float = 0.95) -> tuple[
     """Student-t confidence interval of the mean of per-prompt paired differences."""
     half_width = stats.t.ppf(0.5 + confidence / 2, len(differences) - 1) * stats.sem(differences)
     mean = float(np.mean(differences))
-    return mean - half_width, mean + half_width
+    return float(mean - half_width), float(mean + half_width)
 
 
 def win_rate(policy_rewards: np.ndarray, reference_rewards: np.ndarray) -> float:
@@ -49,45 +54,76 @@ def rule_scores(samples: Dataset) -> dict[str, float]:
     return {name: totals[name] / counts[name] for name in totals}
 
 
+def sample_heldout(model, tokenizer, prompts: Dataset, num_generations: int, config, description: str) -> Dataset:
+    """
+    `num_generations` completions per prompt sampled from `model` (T=1, no top-k/top-p), scored by the task's reward:
+    the prompt's columns, `completion` (conversational), the sampled `completion_ids` (EOS included when sampled) and
+    `reward`, each prompt's completions in a row. Completion `i` of a prompt is drawn with the reference stage's seed
+    for (seed, prompt, i), whatever the model, which pairs the policy's samples with the reference's.
+    """
+    prompt_ids = tokenize_prompts(tokenizer, prompts["prompt"], False, [{} for _ in range(len(prompts))])
+    units = [(ids, completion_seed(config.seed, ids, index)) for ids in prompt_ids for index in range(num_generations)]
+    args = ReferenceConfig(
+        max_completion_length=config.max_completion_length, generation_batch_size=config.generation_batch_size
+    )
+    with tqdm(total=len(units), desc=description, unit="completion") as bar:
+        completion_ids = generate_completions(
+            model, tokenizer, [ids for ids, _ in units], [seed for _, seed in units], args,
+            progress=lambda completions, tokens: bar.update(completions),
+        )
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    samples = prompts.select([row for row in range(len(prompts)) for _ in range(num_generations)])
+    samples = samples.add_column("prompt_ids", [ids for ids, _ in units])
+    samples = samples.add_column("completion", [[{"role": "assistant", "content": text}] for text in texts])
+    samples = samples.add_column("completion_ids", completion_ids)
+    return samples.add_column("reward", constraint_reward(samples["completion"], samples["rules"]))
+
+
 @torch.no_grad()
-def log_ratios(model, tokenizer, samples: Dataset, max_completion_length: int, batch_size: int = 16) -> np.ndarray:
+def kl_to_reference(model, samples: Dataset, pad_token_id: int, batch_size: int = 8) -> dict[str, np.ndarray]:
     """
-    `log pi_theta(y|x) - log pi_ref(y|x)` of each sampled completion, with the policy's LoRA adapters on, then off (the
-    reference is the same model with adapters disabled). The sum runs over the sampled tokens: the completion and its
-    EOS token, not the EOS that the chat template appends to a completion cut at `max_completion_length`, nor what the
-    template adds after the EOS.
+    Per sample of the policy `model` (a PEFT model: the reference is the same model with its adapters disabled), from
+    its sampled token ids (`prompt_ids`, `completion_ids`), never re-tokenised text:
+
+    - `kl`: the sum over its completion tokens of the exact KL(pi_theta || pi_ref) of the next-token distributions at
+      the sampled prefix. Its mean over samples of the policy is an unbiased estimate of the sequence-level KL, >= 0
+      for every sample, and of lower variance than the log-ratio;
+    - `log_ratio`: `log pi_theta(y|x) - log pi_ref(y|x)`, the plain Monte Carlo estimate of the same KL;
+    - `num_tokens`: the completion's sampled tokens (its EOS included).
     """
-    sequences = []
-    for prompt, completion in zip(samples["prompt"], samples["completion"], strict=True):
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-        end = full_ids.index(tokenizer.eos_token_id, len(prompt_ids))
-        sampled_end = end if end - len(prompt_ids) >= max_completion_length else end + 1
-        sequences.append((full_ids[:sampled_end], len(prompt_ids)))
+    sequences = [
+        (prompt + completion, len(prompt))
+        for prompt, completion in zip(samples["prompt_ids"], samples["completion_ids"], strict=True)
+    ]
+    result = {"kl": np.zeros(len(sequences)), "log_ratio": np.zeros(len(sequences))}
+    result["num_tokens"] = np.array([len(ids) - start for ids, start in sequences], dtype=np.float64)
     was_training = model.training
     model.eval()
-    result = np.empty(len(sequences))
     order = np.argsort([-len(ids) for ids, _ in sequences], kind="stable")
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        input_ids = pad([torch.tensor(sequences[i][0]) for i in batch], tokenizer.pad_token_id, padding_side="right")
+        input_ids = pad([torch.tensor(sequences[i][0]) for i in batch], pad_token_id, padding_side="right")
         attention_mask = pad([torch.ones(len(sequences[i][0]), dtype=torch.long) for i in batch], 0, "right")
-        # Position t predicts token t + 1: the mask selects the predictions of completion tokens
-        completion_mask = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1)
+        # Position t predicts token t + 1: the mask selects the predictions of the sampled completion tokens
+        predicts_completion = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.bool)
         for row, i in enumerate(batch):
-            completion_mask[row, sequences[i][1] - 1 : len(sequences[i][0]) - 1] = 1
+            predicts_completion[row, sequences[i][1] - 1 : len(sequences[i][0]) - 1] = True
+        row_of_token = predicts_completion.nonzero()[:, 0]
+        sampled = input_ids[:, 1:][predicts_completion]
 
-        def sequence_logps():
+        def next_token_logps():
             logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
-            token_logps = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, 1:, None].to(model.device))
-            return (token_logps[..., 0].cpu().double() * completion_mask).sum(dim=1)
+            # float64: the KL of two nearly equal distributions is a small difference of large terms
+            return logits[:, :-1][predicts_completion.to(model.device)].cpu().double().log_softmax(-1)
 
-        policy_logps = sequence_logps()
+        policy_logps = next_token_logps()
         with model.disable_adapter():
-            reference_logps = sequence_logps()
-        result[batch] = (policy_logps - reference_logps).numpy()
+            reference_logps = next_token_logps()
+        token_kl = (policy_logps.exp() * (policy_logps - reference_logps)).sum(-1)
+        token_log_ratio = (policy_logps - reference_logps).gather(-1, sampled[:, None])[:, 0]
+        for key, values in (("kl", token_kl), ("log_ratio", token_log_ratio)):
+            per_row = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, row_of_token, values)
+            result[key][batch] = per_row.numpy()
     model.train(was_training)
     return result
 
@@ -104,19 +140,31 @@ def summarize(samples: Dataset, num_prompts: int) -> dict:
     }
 
 
-def compare_to_reference(reference: dict, policy: dict, kl: np.ndarray) -> dict:
-    """The policy's held-out figures against the reference's: paired reward difference (95% CI), win rate, KL."""
+def compare_to_reference(reference: dict, policy: dict, kl: dict[str, np.ndarray]) -> dict:
+    """
+    The policy's held-out figures against the reference's: paired reward difference (95% CI), win rate, and the KL
+    estimates of [`kl_to_reference`] per sequence (`kl`, and `kl_log_ratio` by the plain log-ratio) and per token
+    (`kl_per_token`: each prompt's summed KL over its sampled tokens), each with a 95% CI over prompts.
+    """
     reference_rewards, policy_rewards = np.asarray(reference["rewards"]), np.asarray(policy["rewards"])
     differences = policy_rewards.mean(axis=1) - reference_rewards.mean(axis=1)
-    low, high = paired_interval(differences)
-    return {
+    num_prompts = len(differences)
+    per_prompt = {
+        "kl": group_by_prompt(kl["kl"], num_prompts).mean(axis=1),
+        "kl_log_ratio": group_by_prompt(kl["log_ratio"], num_prompts).mean(axis=1),
+        "kl_per_token": group_by_prompt(kl["kl"], num_prompts).sum(axis=1)
+        / group_by_prompt(kl["num_tokens"], num_prompts).sum(axis=1),
+    }
+    figures = {
         **policy,
         "reward_difference": float(differences.mean()),
-        "reward_difference_ci95": [low, high],
+        "reward_difference_ci95": list(paired_interval(differences)),
         "win_rate": win_rate(policy_rewards, reference_rewards),
-        "kl": float(kl.mean()),
-        "kl_ci95": list(paired_interval(group_by_prompt(kl, len(differences)).mean(axis=1))),
     }
+    for name, values in per_prompt.items():
+        figures[name] = float(values.mean())
+        figures[f"{name}_ci95"] = list(paired_interval(values))
+    return figures
 
 
 def format_table(reference: dict, policies: dict[str, dict]) -> str:
@@ -136,7 +184,8 @@ def format_table(reference: dict, policies: dict[str, dict]) -> str:
             f"{c['reward_difference_ci95'][1]:+.3f}]" if "kl" in c else "",
         ),
         row("win rate vs reference", lambda c: f"{c['win_rate']:.3f}" if "kl" in c else "0.500"),
-        row("KL to reference (nats)", lambda c: f"{c['kl']:.2f}" if "kl" in c else "0"),
+        row("KL to reference (nats)", lambda c: _estimate(c, "kl", ".2f")),
+        row("  per token", lambda c: _estimate(c, "kl_per_token", ".3f")),
         row("mean length (words)", lambda c: f"{c['mean_words']:.1f}"),
         *(
             row(f"  rule: {rule}", lambda c, rule=rule: f"{c['rule_scores'].get(rule, float('nan')):.3f}")
@@ -150,6 +199,14 @@ def format_table(reference: dict, policies: dict[str, dict]) -> str:
         for line in [header, *rows]
     ]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _estimate(column: dict, name: str, spec: str) -> str:
+    """An estimate with its 95% CI; 0 for the reference."""
+    if name not in column:
+        return "0"
+    low, high = column[f"{name}_ci95"]
+    return f"{column[name]:{spec}} [{low:{spec}}, {high:{spec}}]"
 
 
 _RULE_ORDER = ["keyword", "max_words", "no_commas", "lowercase", "bullets", "gate"]

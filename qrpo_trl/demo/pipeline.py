@@ -56,18 +56,17 @@ def load_model(path: str):
     return model, tokenizer
 
 
-def sample_and_score(model, tokenizer, prompts: Dataset, num_generations: int, config: DemoConfig) -> Dataset:
-    """`num_generations` completions per prompt sampled from `model` (T=1), with their rewards (cached)."""
+def reference_stage(model, tokenizer, train_prompts: Dataset, config: DemoConfig) -> Dataset:
+    """`num_generations` completions per training prompt sampled from `model` (T=1), with their rewards and each
+    other's as `ref_rewards` (cached)."""
     args = ReferenceConfig(
-        num_generations=num_generations,
+        num_generations=config.num_generations,
         max_completion_length=config.max_completion_length,
         generation_batch_size=config.generation_batch_size,
         seed=config.seed,
         reference_cache_dir=os.path.join(config.cache_dir or default_cache_dir(), "reference"),
     )
-    return precompute_rewards(
-        prompts, model, constraint_reward, args, processing_class=tokenizer, add_ref_rewards=num_generations > 1
-    )
+    return precompute_rewards(train_prompts, model, constraint_reward, args, processing_class=tokenizer)
 
 
 def lora_config(config: DemoConfig, num_layers: int) -> LoraConfig:
@@ -131,8 +130,12 @@ def evaluate_policy(
 ) -> dict:
     """The policy's held-out samples, scored, against the reference's; the samples are written to `output_dir`."""
     with timer(f"Held-out samples of the {name} policy"):
-        samples = sample_and_score(policy, tokenizer, heldout, config.num_eval_generations, config)
-        kl = evaluation.log_ratios(policy, tokenizer, samples, config.max_completion_length)
+        samples = evaluation.sample_heldout(
+            policy, tokenizer, heldout, config.num_eval_generations, config,
+            f"Sampling held-out completions of the {name} policy",
+        )
+        kl = evaluation.kl_to_reference(policy, samples, tokenizer.pad_token_id)
+    samples = samples.add_column("kl", kl["kl"].tolist()).add_column("log_ratio", kl["log_ratio"].tolist())
     samples.to_json(os.path.join(config.output_dir, f"heldout_samples_{name}.jsonl"))
     return evaluation.compare_to_reference(reference, evaluation.summarize(samples, len(heldout)), kl)
 
@@ -157,9 +160,12 @@ def prepare(config: DemoConfig, timer: StageTimer) -> Setup:
     path = base_checkpoint(config, train_prompts, timer)
     model, tokenizer = load_model(path)
     with timer(f"Reference stage: {config.num_generations} samples for each of {len(train_prompts)} training prompts"):
-        train_data = sample_and_score(model, tokenizer, train_prompts, config.num_generations, config)
+        train_data = reference_stage(model, tokenizer, train_prompts, config)
     with timer(f"Held-out samples of the reference model ({len(heldout)} prompts)"):
-        reference_samples = sample_and_score(model, tokenizer, heldout, config.num_eval_generations, config)
+        reference_samples = evaluation.sample_heldout(
+            model, tokenizer, heldout, config.num_eval_generations, config,
+            "Sampling held-out completions of the reference model",
+        )
     reference_samples.to_json(os.path.join(config.output_dir, "heldout_samples_reference.jsonl"))
     reference = evaluation.summarize(reference_samples, len(heldout))
     return Setup(path, model, tokenizer, train_data, heldout, reference)

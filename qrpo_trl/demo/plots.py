@@ -92,3 +92,33 @@ def reward_vs_kl(methods: dict[str, dict], path: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def frontier(methods: dict[str, list[dict]], path: str) -> None:
+    """Each method's held-out reward gain against its KL to the reference (95% CIs), one line through its betas."""
+    figure, axis = plt.subplots(figsize=(7.5, 5))
+    for name, points in methods.items():
+        points = sorted(points, key=lambda point: point["kl"])
+        kl = np.array([point["kl"] for point in points])
+        gain = np.array([point["reward_difference"] for point in points])
+        gain_ci = np.array([point["reward_difference_ci95"] for point in points])
+        kl_ci = np.array([point["kl_ci95"] for point in points])
+        axis.errorbar(
+            kl, gain, yerr=[gain - gain_ci[:, 0], gain_ci[:, 1] - gain], xerr=[kl - kl_ci[:, 0], kl_ci[:, 1] - kl],
+            fmt="o-", capsize=3, label=name, alpha=0.85,
+        )
+        for point in points:
+            axis.annotate(f"{point['beta']:g}", (point["kl"], point["reward_difference"]), fontsize=7,
+                          textcoords="offset points", xytext=(4, 4))
+    axis.axhline(0, color="gray", linestyle="--", linewidth=1)
+    # KLs span decades; symlog keeps a policy that did not move (KL 0) on the plot
+    axis.set_xscale("symlog", linthresh=0.1)
+    axis.set_xlim(left=0)  # a KL is >= 0: no negative decades
+    axis.set(
+        xlabel="KL to the reference (nats per completion, 95% CI)", ylabel="held-out reward - reference (95% CI)",
+        title="Reward gain against KL over beta (labels), same data and budget",
+    )
+    axis.legend(fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
