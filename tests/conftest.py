@@ -9,6 +9,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     LlamaConfig,
@@ -30,6 +31,22 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} </s> {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|> {% endif %}"
 )
+
+
+def varied_pointwise_dataset(num_rows: int, max_prompt_words: int, max_completion_words: int) -> Dataset:
+    """Pointwise rows (with 4 reference rewards) whose prompts and completions vary in length, from 1 word up."""
+    rng = np.random.default_rng(0)
+
+    def text(length):
+        return " ".join(rng.choice(WORDS, size=length))
+
+    rows = {"prompt": [], "completion": [], "reward": [], "ref_rewards": []}
+    for _ in range(num_rows):
+        rows["prompt"].append(text(int(rng.integers(1, max_prompt_words))))
+        rows["completion"].append(" " + text(int(rng.integers(1, max_completion_words))))
+        rows["reward"].append(float(rng.normal()))
+        rows["ref_rewards"].append(rng.normal(size=4).tolist())
+    return Dataset.from_dict(rows)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

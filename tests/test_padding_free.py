@@ -6,7 +6,7 @@ batch's; a model or setting that cannot be packed is a ValueError.
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, build_tiny_llama, logged, make_args, sequence_logps
+from conftest import build_tiny_llama, logged, make_args, sequence_logps, varied_pointwise_dataset
 from datasets import Dataset
 from peft import LoraConfig, PromptTuningConfig
 from transformers import LlamaForCausalLM
@@ -20,18 +20,7 @@ LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 @pytest.fixture
 def varied_dataset():
     """Pointwise rows whose prompts and completions vary from 1 to ~12 words."""
-    rng = np.random.default_rng(0)
-
-    def text(length):
-        return " ".join(rng.choice(WORDS, size=length))
-
-    rows = {"prompt": [], "completion": [], "reward": [], "ref_rewards": []}
-    for _ in range(12):
-        rows["prompt"].append(text(int(rng.integers(1, 6))))
-        rows["completion"].append(" " + text(int(rng.integers(1, 12))))
-        rows["reward"].append(float(rng.normal()))
-        rows["ref_rewards"].append(rng.normal(size=4).tolist())
-    return Dataset.from_dict(rows)
+    return varied_pointwise_dataset(12, 6, 12)
 
 
 @pytest.mark.parametrize("max_length", [None, 7])

@@ -7,8 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, logged, make_args, sequence_logps
-from datasets import Dataset
+from conftest import logged, make_args, sequence_logps, varied_pointwise_dataset
 from peft import LoraConfig
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -24,18 +23,7 @@ def varied_dataset():
     Pointwise text rows whose prompts and completions vary from 1 to ~20 words, in no particular length order. 32 rows,
     so that transformers' `group_by_length`, which sorts mega-batches of `len // (4 * batch_size)` batches, regroups.
     """
-    rng = np.random.default_rng(0)
-
-    def text(length):
-        return " ".join(rng.choice(WORDS, size=length))
-
-    rows = {"prompt": [], "completion": [], "reward": [], "ref_rewards": []}
-    for _ in range(32):
-        rows["prompt"].append(text(int(rng.integers(1, 8))))
-        rows["completion"].append(" " + text(int(rng.integers(1, 20))))
-        rows["reward"].append(float(rng.normal()))
-        rows["ref_rewards"].append(rng.normal(size=4).tolist())
-    return Dataset.from_dict(rows)
+    return varied_pointwise_dataset(32, 8, 20)
 
 
 @pytest.mark.parametrize("max_length", [None, 6])
