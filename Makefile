@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install install-demo test test-fast demo demo-quick demo-compare
+.PHONY: install install-demo test test-fast demo demo-quick demo-compare demo-frontier
 
 # CPU torch first: a bare `torch` requirement with no torch installed pulls several GB of CUDA packages.
 # DeepSpeed is built against that torch (no isolated build env, no CUDA ops).
@@ -37,7 +37,7 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 
 install-demo: $(VENV)/.demo-installed
 
-# The main demo: SmolLM2-135M-Instruct aligned with QRPO on the built-in task, about 13 minutes on 2 quiet CPU cores
+# The main demo: SmolLM2-135M-Instruct aligned with QRPO on the built-in task, about 8 minutes on 2 quiet CPU cores
 demo: install-demo
 	$(BIN)/python -m qrpo_trl.demo
 
@@ -48,3 +48,7 @@ demo-quick: install-demo
 # QRPO (identity, log), RPO, DPO and KTO on the same data and budget, on the quick variant's tiny model
 demo-compare: install-demo
 	$(BIN)/python -m qrpo_trl.demo --quick --compare
+
+# The reward-vs-KL frontier of every method over its betas, on the quick variant's tiny model: about 5 minutes
+demo-frontier: install-demo
+	$(BIN)/python -m qrpo_trl.demo --quick --frontier

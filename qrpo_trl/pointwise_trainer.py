@@ -722,7 +722,8 @@ class PointwiseTrainer(DPOTrainer):
         cache_file = None
         if dataset.cache_files and self._precompute_model_hash is not None:
             settings = (
-                self.args.logps_normalization, self.args.max_length, self.args.truncation_mode, self._logits_temperature
+                self.args.logps_normalization, self.args.max_length, self.args.truncation_mode, self._logits_temperature,
+                self.accelerator.mixed_precision,
             )
             fingerprint = [Hasher.hash((dataset._fingerprint, self._precompute_model_hash, settings))]
             broadcast_object_list(fingerprint, from_process=0)  # fingerprints may differ across ranks

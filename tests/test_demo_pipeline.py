@@ -6,7 +6,10 @@ import os
 
 import pytest
 
+from datasets import Dataset
+
 from qrpo_trl.demo.__main__ import main, parse_config
+from qrpo_trl.demo.compare import best_and_worst, best_vs_worst_pairs
 from qrpo_trl.demo.frontier import gain_at_kl
 
 
@@ -49,10 +52,12 @@ def check_policy_figures(figures: dict, num_prompts: int, num_samples: int):
     assert set(figures["rule_scores"]) >= {"keyword", "max_words", "gate"}
 
 
-def test_quick_demo_runs_every_stage(tmp_path):
-    output_dir, results = run_tiny(tmp_path)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_quick_demo_runs_every_stage(tmp_path, bf16):
+    output_dir, results = run_tiny(tmp_path, "--bf16", str(bf16))
     with open(os.path.join(output_dir, "results.json")) as file:
         written = json.load(file)
+    assert written["config"]["bf16"] is bf16
     assert written["num_heldout_prompts"] == 4 and written["num_train_prompts"] == 8
     assert set(written["stage_seconds"]) == {
         "SFT of the tiny model from scratch",
@@ -92,10 +97,14 @@ def test_compare_mode_trains_every_method_and_repeats_its_table(tmp_path):
 
 
 def test_frontier_sweeps_betas_and_repeats_its_points(tmp_path):
-    flags = ["--frontier", "--methods", "qrpo_log", "dpo", "--qrpo_log_betas", "0.1", "1", "--dpo_betas", "0.1", "1"]
+    flags = [
+        "--frontier", "--methods", "qrpo_log", "dpo", "qrpo_log_best_worst", "--qrpo_log_betas", "0.1", "1",
+        "--dpo_betas", "0.1", "1", "--qrpo_log_best_worst_betas", "0.1", "1",
+    ]  # fmt: skip
     output_dir, details = run_tiny(tmp_path, *flags)
     frontier = read_json(output_dir, "frontier.json")
-    assert list(frontier) == ["methods"] and list(frontier["methods"]) == ["QRPO (log)", "DPO (best vs worst)"]
+    assert list(frontier) == ["methods"]
+    assert list(frontier["methods"]) == ["QRPO (log)", "DPO (best vs worst)", "QRPO (log, best/worst)"]
     for name, points in frontier["methods"].items():
         assert [point["beta"] for point in points] == [0.1, 1.0]
         for point in points:
@@ -110,6 +119,19 @@ def test_frontier_sweeps_betas_and_repeats_its_points(tmp_path):
 
     rerun_dir, _ = run_tiny(tmp_path, *flags, output="rerun")
     assert read_json(rerun_dir, "frontier.json") == frontier
+
+
+def test_best_and_worst_rows_are_dpo_pairs():
+    rows = [
+        ("a", "a1", 0.2), ("b", "b1", 0.5), ("a", "a2", 0.9), ("b", "b2", 0.5), ("a", "a3", 0.1), ("c", "c1", 0.3),
+        ("c", "c2", 0.7), ("c", "c3", 0.7),
+    ]  # fmt: skip
+    data = Dataset.from_dict({name: [row[i] for row in rows] for i, name in enumerate(["prompt", "completion", "reward"])})
+    # Prompt b has no spread: left out; ties for the best keep the first
+    assert best_and_worst(data) == [(2, 4), (6, 5)]
+    assert best_vs_worst_pairs(data).to_list() == [
+        {"prompt": "a", "chosen": "a2", "rejected": "a3"}, {"prompt": "c", "chosen": "c2", "rejected": "c1"}
+    ]
 
 
 def test_gain_at_matched_kl_interpolates_in_log_kl():
@@ -128,6 +150,9 @@ def test_quick_defaults_and_overrides():
     quick = parse_config(["--quick"])
     assert quick.quick and quick.output_dir == "outputs/demo-quick"
     assert parse_config(["--quick", "--beta", "0.7"]).beta == 0.7
+    # Mixed precision: resolved from the CPU unless set; the quick variant stays in float32
+    assert parse_config([]).bf16 in (True, False) and parse_config(["--bf16", "false"]).bf16 is False
+    assert quick.bf16 is False and parse_config(["--quick", "--bf16", "true"]).bf16 is True
 
 
 @pytest.mark.parametrize(

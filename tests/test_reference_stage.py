@@ -250,6 +250,12 @@ def test_cache_reuses_results_and_recomputes_on_change(model, tokenizer, tmp_pat
     CALLS.update(generate=0)
     precompute_rewards(dataset, other, flaky_length_reward, reference_args(tmp_path), processing_class=tokenizer)
     assert CALLS["generate"] > 0
+    # And mixed precision (an autocast context) and back: its samples are not full precision's
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, calls = run()
+    assert calls["generate"] > 0
+    _, calls = run()
+    assert calls == {"reward": 0, "generate": 0}
 
 
 def test_interrupted_run_resumes_after_the_last_chunk(model, tokenizer, tmp_path):

@@ -3,7 +3,8 @@ Comparison mode: the same scored completions of the reference model, the same Lo
 per step and KL coefficient `beta`, for QRPO (identity and log transforms), RPO, TRL's DPOTrainer and TRL's
 KTOTrainer; evaluated like the demo.
 
-- QRPO: every completion, its quantile among the other completions of its prompt.
+- QRPO: every completion, its quantile among the other completions of its prompt. `qrpo_log_best_worst`: only each
+  prompt's best and worst completion (DPO's rows), their quantiles still among all the others.
 - RPO: every completion and its reward; `V(x)` by the Monte Carlo estimate, as the completions are samples of the
   reference model.
 - DPO: one pair per prompt, its best completion (chosen) against its worst (rejected); half as many pairs per step, so
@@ -35,17 +36,23 @@ def prompt_groups(train_data: Dataset) -> list[list[int]]:
     return [np.flatnonzero(labels == label).tolist() for label in range(labels.max() + 1)]
 
 
-def best_vs_worst_pairs(train_data: Dataset) -> Dataset:
-    """DPO's data: per prompt, its best completion as `chosen` and its worst as `rejected` (prompts without spread are
-    left out)."""
+def best_and_worst(train_data: Dataset) -> list[tuple[int, int]]:
+    """Row indices of each prompt's best and worst completion (prompts without spread are left out)."""
     rewards = np.asarray(train_data["reward"])
-    rows = []
+    pairs = []
     for indices in prompt_groups(train_data):
         best, worst = indices[int(np.argmax(rewards[indices]))], indices[int(np.argmin(rewards[indices]))]
         if rewards[best] > rewards[worst]:
-            row = train_data[best]
-            rejected = train_data[worst]["completion"]
-            rows.append({"prompt": row["prompt"], "chosen": row["completion"], "rejected": rejected})
+            pairs.append((best, worst))
+    return pairs
+
+
+def best_vs_worst_pairs(train_data: Dataset) -> Dataset:
+    """DPO's data: per prompt, its best completion as `chosen` and its worst as `rejected`."""
+    rows = []
+    for best, worst in best_and_worst(train_data):
+        row = train_data[best]
+        rows.append({"prompt": row["prompt"], "chosen": row["completion"], "rejected": train_data[worst]["completion"]})
     return Dataset.from_list(rows)
 
 
@@ -72,7 +79,11 @@ class MethodTrainer:
         self.max_steps = math.ceil(
             len(setup.train_data) / config.per_device_train_batch_size * config.num_train_epochs
         )
+        extremes = [row for pair in best_and_worst(setup.train_data) for row in pair]
         self.datasets = {
+            "qrpo_identity": setup.train_data,
+            "qrpo_log": setup.train_data,
+            "qrpo_log_best_worst": setup.train_data.select(extremes),
             "rpo": setup.train_data.remove_columns("ref_rewards"),
             "dpo": best_vs_worst_pairs(setup.train_data),
             "kto": above_below_median(setup.train_data),
@@ -82,10 +93,10 @@ class MethodTrainer:
         """A fresh copy of the reference model trained by `method` (a key of `config.METHODS`); returns its trainer."""
         config = self.config
         model, tokenizer = load_model(self.setup.path)
-        if method in ("qrpo_identity", "qrpo_log"):
+        if method.startswith("qrpo_"):
             return train_qrpo(
-                model, tokenizer, self.setup.train_data, config, output_dir, max_steps=self.max_steps, beta=beta,
-                transform=method.removeprefix("qrpo_"),
+                model, tokenizer, self.datasets[method], config, output_dir, max_steps=self.max_steps, beta=beta,
+                transform="identity" if method == "qrpo_identity" else "log",
             )
         arguments = {**training_arguments(config, output_dir), "max_steps": self.max_steps, "beta": beta}
         if method == "rpo":

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..pointwise_config import check_choice
 from ..targets import TRANSFORMS
 from .task import TOPICS
@@ -11,17 +13,20 @@ from .task import TOPICS
 METHODS = {
     "qrpo_identity": "QRPO (identity)",
     "qrpo_log": "QRPO (log)",
+    "qrpo_log_best_worst": "QRPO (log, best/worst)",
     "rpo": "RPO",
     "dpo": "DPO (best vs worst)",
     "kto": "KTO (vs median)",
 }
+# Compared unless `methods` says otherwise; `qrpo_log_best_worst` (QRPO on DPO's rows) is a lever, run on demand
+DEFAULT_METHODS = ["qrpo_identity", "qrpo_log", "rpo", "dpo", "kto"]
 
 
 @dataclass
 class DemoConfig:
     r"""
-    Settings of `python -m qrpo_trl.demo`. The defaults are the main demo (SmolLM2-135M-Instruct, about 13 minutes on
-    2 quiet CPU cores); `--quick` starts from [`QUICK_DEFAULTS`] instead (a tiny model taught the task by SFT, about a
+    Settings of `python -m qrpo_trl.demo`. The defaults are the main demo (SmolLM2-135M-Instruct, about 8 minutes on
+    2 quiet CPU cores with bfloat16); `--quick` starts from [`QUICK_DEFAULTS`] instead (a tiny model taught the task by SFT, about a
     minute). Flags and `--config` YAML files override either.
     """
 
@@ -54,21 +59,27 @@ class DemoConfig:
         },
     )
     methods: list[str] = field(
-        default_factory=lambda: list(METHODS),
+        default_factory=lambda: list(DEFAULT_METHODS),
         metadata={"help": f"Methods of `--compare` and `--frontier`, of: {', '.join(METHODS)}."},
     )
-    # The frontier's betas: a method's KL falls as its beta grows, at a rate of its own, so each has its grid
+    # The frontier's betas: a method's KL falls as its beta grows, at a rate of its own, so each has its grid (these
+    # span about 0.1 to 5 nats on the quick variant)
     qrpo_identity_betas: list[float] = field(
-        default_factory=lambda: [0.01, 0.03, 0.1, 0.3], metadata={"help": "Frontier: betas of QRPO (identity)."}
+        default_factory=lambda: [0.03, 0.05, 0.1, 0.3], metadata={"help": "Frontier: betas of QRPO (identity)."}
     )
     qrpo_log_betas: list[float] = field(
         default_factory=lambda: [0.1, 0.3, 1.0, 3.0], metadata={"help": "Frontier: betas of QRPO (log)."}
     )
+    qrpo_log_best_worst_betas: list[float] = field(
+        default_factory=lambda: [0.1, 0.3, 1.0, 3.0],
+        metadata={"help": "Frontier: betas of QRPO (log) trained on each prompt's best and worst completion only."},
+    )
     rpo_betas: list[float] = field(
-        default_factory=lambda: [0.01, 0.03, 0.1, 0.3], metadata={"help": "Frontier: betas (tau) of RPO."}
+        default_factory=lambda: [0.03, 0.05, 0.1, 0.3], metadata={"help": "Frontier: betas (tau) of RPO."}
     )
     dpo_betas: list[float] = field(
-        default_factory=lambda: [0.1, 0.3, 1.0, 3.0], metadata={"help": "Frontier: betas of DPO (best vs worst)."}
+        default_factory=lambda: [0.3, 1.0, 3.0, 10.0, 30.0],
+        metadata={"help": "Frontier: betas of DPO (best vs worst)."},
     )
     kto_betas: list[float] = field(
         default_factory=lambda: [0.3, 1.0, 3.0, 10.0], metadata={"help": "Frontier: betas of KTO (vs median)."}
@@ -84,6 +95,14 @@ class DemoConfig:
         },
     )
     seed: int = field(default=42, metadata={"help": "Seed of the sampling, the LoRA initialisation and the training."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Sample, train and score in bfloat16 mixed precision (float32 weights, bfloat16 autocast), about "
+            "twice as fast as float32 on a CPU that computes bfloat16 natively. None: on where the CPU does "
+            "(AVX512-BF16 or AMX), off elsewhere, where it is emulated and slower."
+        },
+    )
 
     # The task
     num_heldout_topics: int = field(
@@ -104,7 +123,7 @@ class DemoConfig:
         },
     )
     num_eval_generations: int = field(
-        default=4, metadata={"help": "Completions sampled per held-out prompt, from the reference and the policy."}
+        default=8, metadata={"help": "Completions sampled per held-out prompt, from the reference and the policy."}
     )
     max_completion_length: int = field(default=32, metadata={"help": "Maximum tokens of a sampled completion."})
     generation_batch_size: int = field(default=48, metadata={"help": "Completions generated per batch."})
@@ -116,6 +135,13 @@ class DemoConfig:
         metadata={
             "help": f"QRPO's transform of the quantile reward: {', '.join(TRANSFORMS)}. `log` (the optimum is Best-of-N "
             "with N = 1 + 1/beta) moved SmolLM2 about twice as far as `identity` in the same steps."
+        },
+    )
+    normalize_beta_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "QRPO (main demo, and both QRPO methods of --compare and --frontier): beta_i = beta / (completion "
+            "tokens) per sample, as the Apertus trainer; `beta` then counts per token."
         },
     )
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (cosine schedule)."})
@@ -164,6 +190,8 @@ class DemoConfig:
         if self.max_train_prompts is not None and self.max_train_prompts < 1:
             raise ValueError(f"`max_train_prompts` must be >= 1 or None, got {self.max_train_prompts}.")
         check_choice("transform", self.transform, TRANSFORMS)
+        if self.bf16 is None:  # torch has no public test of native bfloat16 on CPU
+            self.bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         for method in self.methods:
             check_choice("methods", method, METHODS)
         if self.compare and self.frontier:
@@ -182,9 +210,12 @@ QUICK_DEFAULTS = dict(
     max_completion_length=40,
     generation_batch_size=256,
     beta=0.3,
-    # A 64-wide model with LoRA needs a high rate to move within a few dozen steps: 1e-2 hardly moved it, 2e-2 spiked
-    learning_rate=1.5e-2,
+    # A 64-wide model with LoRA needs a high rate to move within a few dozen steps; at 1.5e-2 the optimiser, not beta,
+    # set the KL (at least 1.7 nats at any beta of QRPO log, RPO and DPO); at 5e-3 the KL falls with beta
+    learning_rate=5e-3,
     num_train_epochs=2.0,
     per_device_train_batch_size=32,
     lora_top_layers=None,
+    # Kept in float32: a 64-wide model gains little from bfloat16, and its tables stay comparable across CPUs
+    bf16=False,
 )

@@ -48,6 +48,11 @@ def base_checkpoint(config: DemoConfig, train_prompts: Dataset, timer: StageTime
         return smollm2_checkpoint(config.cache_dir)
 
 
+def mixed_precision(config: DemoConfig):
+    """bfloat16 autocast for sampling and scoring when `config.bf16`, as training gets from `bf16=True`."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
+
+
 def load_model(path: str):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -97,7 +102,7 @@ def training_arguments(config: DemoConfig, output_dir: str) -> dict:
         save_strategy="no",
         report_to="none",
         use_cpu=True,
-        bf16=False,
+        bf16=config.bf16,
         seed=config.seed,
         gradient_checkpointing=False,
     )
@@ -112,6 +117,7 @@ def train_qrpo(model, tokenizer, train_data: Dataset, config: DemoConfig, output
         exclude_self_from_ref=True,
         # Rewards are fractions of rules met, so ties are common: mid-rank keeps the quantile unbiased
         ties="mid",
+        normalize_beta_by_length=config.normalize_beta_by_length,
     )
     args = QRPOConfig(**{**training_arguments(config, output_dir), **settings, **overrides})
     trainer = QRPOTrainer(
@@ -129,7 +135,7 @@ def evaluate_policy(
     policy, tokenizer, heldout: Dataset, reference: dict, config: DemoConfig, timer: StageTimer, name: str
 ) -> dict:
     """The policy's held-out samples, scored, against the reference's; the samples are written to `output_dir`."""
-    with timer(f"Held-out samples of the {name} policy"):
+    with timer(f"Held-out samples of the {name} policy"), mixed_precision(config):
         samples = evaluation.sample_heldout(
             policy, tokenizer, heldout, config.num_eval_generations, config,
             f"Sampling held-out completions of the {name} policy",
@@ -159,9 +165,12 @@ def prepare(config: DemoConfig, timer: StageTimer) -> Setup:
     train_prompts, heldout = Dataset.from_list(train_rows[: config.max_train_prompts]), Dataset.from_list(heldout_rows)
     path = base_checkpoint(config, train_prompts, timer)
     model, tokenizer = load_model(path)
-    with timer(f"Reference stage: {config.num_generations} samples for each of {len(train_prompts)} training prompts"):
+    with (
+        timer(f"Reference stage: {config.num_generations} samples for each of {len(train_prompts)} training prompts"),
+        mixed_precision(config),
+    ):
         train_data = reference_stage(model, tokenizer, train_prompts, config)
-    with timer(f"Held-out samples of the reference model ({len(heldout)} prompts)"):
+    with timer(f"Held-out samples of the reference model ({len(heldout)} prompts)"), mixed_precision(config):
         reference_samples = evaluation.sample_heldout(
             model, tokenizer, heldout, config.num_eval_generations, config,
             "Sampling held-out completions of the reference model",

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
+import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import tqdm
@@ -421,6 +422,7 @@ class _Groups:
         sampling_hash = _hasher(
             _CACHE_FORMAT, stage.model_fingerprint if sample else None, tokenizer_hash,
             eos_token_ids(stage.model, stage.processing_class), settings, conversational,
+            _autocast_dtype(stage.model) if sample else None,
         )
         scored_columns = [column for column, _ in to_score]
         rows_hash = _hasher(_CACHE_FORMAT, scored_columns, kwarg_columns)
@@ -469,6 +471,14 @@ def _update(hasher, data: str | bytes) -> None:
     data = data.encode() if isinstance(data, str) else data
     hasher.update(len(data).to_bytes(8, "little"))
     hasher.update(data)
+
+
+def _autocast_dtype(model) -> str | None:
+    """The dtype of the autocast context sampling runs in (mixed precision draws other completions), else None."""
+    if not isinstance(model, torch.nn.Module):  # vLLM samples with its own dtype, in the model's identity
+        return None
+    device = model.device.type
+    return str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
 
 
 def _hasher(*values):
