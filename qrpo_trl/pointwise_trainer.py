@@ -7,6 +7,7 @@ batch, with a squared (`regression_loss="mse"`) or absolute (`"mae"`) penalty.
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from .data_utils import (
     pointwise_batch,
     to_pointwise,
 )
+from .packed_attention import per_sample_attention
 from .pointwise_config import PointwiseConfig
 from .reference_stage import ReferenceStage, RewardFunctions
 from .tokenization import template_kwargs, tokenize_pairs
@@ -120,8 +122,9 @@ class DataCollatorForPointwise(DataCollatorMixin):
             Whether to build encoder inputs and decoder `labels` rather than one decoder-only sequence.
         padding_free (`bool`, *optional*, defaults to `False`):
             Decoder-only: pack the truncated samples into one row, as TRL's `DataCollatorForLanguageModeling` does with
-            `padding_free=True`, with no `attention_mask` but `position_ids` restarting at each sample (from which
-            transformers confines attention to each sample) and the sequence boundaries of the varlen kernels. The
+            `padding_free=True`, with no `attention_mask` but `position_ids` restarting at each sample and the sequence
+            boundaries (`cu_seq_lens_q`) at which flash attention's varlen path and the trainers' per-sample attention
+            (`qrpo_trl.packed_attention`, for sdpa and eager) confine attention to each sample. The
             batch also gets `sample_lengths` (tokens of each sample) and `sample_index` (the sample of each position
             of the row, padding counted with the last sample), so that per-sample sums need no device sync.
     """
@@ -658,12 +661,12 @@ class PointwiseTrainer(DPOTrainer):
         """
         With `padding_free=True`, raise a ValueError for a model that cannot score a packed row sample by sample.
 
-        transformers confines attention to each packed sample from `position_ids` in the masks it builds for `eager`,
-        `sdpa` and `flex_attention` (`find_packed_sequence_indices`), and flash attention runs its varlen path; but a
-        model can build its masks without the positions (GPT-OSS does) and custom implementations may ignore them. So
-        each model that will score packed rows is probed once, before the first pass: a sample must get the same
-        log-probability alone and packed after another sample, which attention leaking from one into the other breaks
-        (within 1e-5 relative, 1e-2 in half precision).
+        Packed rows run each sample's own attention for `sdpa` and `eager` (`qrpo_trl.packed_attention`), flash
+        attention's varlen path, and for `flex_attention` the masks transformers builds from `position_ids`; but a
+        model's attention may not get the sequence boundaries, or not compute what its own padded forward computes, and
+        custom implementations may ignore the positions. So each model that will score packed rows is probed once,
+        before the first pass: a sample packed after another one must get the log-probability it gets alone in a
+        padded batch, through the model's own attention (within 1e-5 relative, 1e-2 in half precision).
         """
         if not self._padding_free or self._padding_free_checked:
             return
@@ -687,8 +690,10 @@ class PointwiseTrainer(DPOTrainer):
             with torch.no_grad(), self.accelerator.autocast():
                 was_training = model.training
                 model.eval()
-                for examples in ([probe], [other, probe]):  # alone (nothing to leak from), then after another sample
-                    batch = self.data_collator(examples)
+                # Alone in a padded batch (nothing to leak from), then packed after another sample
+                padded_collator = dataclasses.replace(self.data_collator, padding_free=False)
+                for collator, examples in ((padded_collator, [probe]), (self.data_collator, [other, probe])):
+                    batch = collator(examples)
                     batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                     scores.append(self._sequence_logps(model, batch)[0][-1].item())
                 model.train(was_training)
@@ -699,8 +704,9 @@ class PointwiseTrainer(DPOTrainer):
                     f"`padding_free=True` needs attention confined to each packed sample, and the {role} "
                     f"({type(self.accelerator.unwrap_model(model)).__name__} with attn_implementation="
                     f"{implementation!r}) does not confine it: a sample scores {alone:.6g} alone and {packed:.6g} "
-                    "packed after another one. transformers confines it for 'sdpa', 'eager' and 'flex_attention' in "
-                    "models that build their masks from `position_ids`, and with flash attention. Set "
+                    "packed after another one. Packed rows are confined for 'sdpa' and 'eager' in models that pass "
+                    "the sequence boundaries to their attention, with flash attention, and for 'flex_attention' in "
+                    "models that build their masks from `position_ids`. Set "
                     "`padding_free=False` or use another attention implementation."
                 )
         self._padding_free_checked = True
@@ -849,7 +855,7 @@ class PointwiseTrainer(DPOTrainer):
             router_kwargs = {"output_router_logits": output_router_logits} if self._is_moe_model else {}
             # A packed row (`padding_free`) has no attention mask: positions and sequence boundaries confine attention
             model_inputs = {key: inputs[key] for key in MODEL_INPUT_KEYS if key in inputs}
-            with compact_fused_lm_head():
+            with compact_fused_lm_head(), self._packed_attention(model, inputs):
                 outputs = model(labels=labels, fused_lm_head=True, use_cache=False, **model_inputs, **router_kwargs)
             token_mask = completion_mask[:, 1:]
             # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
@@ -865,6 +871,17 @@ class PointwiseTrainer(DPOTrainer):
         if self.args.logps_normalization == "mean":
             logps = logps / num_scored.clamp(min=1)
         return logps, aux_loss
+
+    def _packed_attention(self, model, inputs):
+        """Per-sample attention (`qrpo_trl.packed_attention`) for the forwards of `model` over a packed row."""
+        if "cu_seq_lens_q" not in inputs:
+            return contextlib.nullcontext()
+        return per_sample_attention(self.accelerator.unwrap_model(model))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # The whole step, backward included: activation checkpointing re-runs the forwards there
+        with self._packed_attention(model, inputs):
+            return super().training_step(model, inputs, num_items_in_batch)
 
     @cached_property
     def _is_moe_model(self) -> bool:
@@ -930,7 +947,8 @@ class PointwiseTrainer(DPOTrainer):
             model_inputs = {key: inputs[key] for key in MODEL_INPUT_KEYS if key in inputs}
             if self.is_encoder_decoder:
                 model_inputs["labels"] = inputs["labels"]  # the decoder target, from which its inputs are built
-            with torch.no_grad():  # no cache: with one, transformers would not confine attention in a packed row
+            # No cache: with one, transformers would not confine attention in a packed row
+            with torch.no_grad(), self._packed_attention(model, inputs):
                 outputs = model(**model_inputs, use_cache=False)
             return loss, outputs
         return loss
