@@ -175,7 +175,9 @@ def test_benchmark_quick_run_writes_its_figures(tmp_path):
             "reference pass, padding_free / bare forward, same packed rows",
             "reference pass, padding_free / reference pass",
         },
-        "memory": {"QRPO / SFTTrainer", "QRPO / bare loss (full logits)"},
+        "memory": {
+            f"{q} / {d}" for q in ("QRPO", "QRPO, padding_free") for d in ("SFTTrainer", "bare loss (full logits)")
+        },
     }
     for section, names in expected.items():
         assert set(results[section]["ratios"]) == names
@@ -184,3 +186,4 @@ def test_benchmark_quick_run_writes_its_figures(tmp_path):
     assert results["padding_waste"]["training: QRPO, padding_free"] == 0
     assert results["padding_waste"]["reference pass, padding_free"] == 0
     assert results["memory"]["contenders"]["QRPO"]["peak_bytes"] > 0
+    assert results["memory"]["contenders"]["QRPO, padding_free"]["peak_bytes"] > 0
