@@ -805,7 +805,9 @@ class PointwiseTrainer(DPOTrainer):
             desc=f"Computing reference log-probs for {name} dataset",
             disable=bool(os.environ.get("TQDM_DISABLE", "")),
         )
-        with torch.inference_mode():  # the log-probs only leave as numbers: no version counters to keep
+        # The log-probs only leave as numbers: no version counters to keep. Activation checkpointing (nothing to
+        # re-run without a backward) is switched off once here rather than per batch by `compute_ref_log_probs`
+        with torch.inference_mode(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             for batch in batches:
                 chunks.append(self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch)).cpu())
         model.train(was_training)
