@@ -7,6 +7,7 @@ batch, with a squared (`regression_loss="mse"`) or absolute (`"mae"`) penalty.
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from transformers import AutoConfig
 from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOTrainer
 from trl.models import prepare_deepspeed
+from trl.kernels import ChunkedLogProbFunction
+from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
+from trl.kernels.chunked_logprob import _use_triton as trl_use_triton
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 from trl.trainer import utils as trl_utils
 from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -48,6 +52,7 @@ from .data_utils import (
     pointwise_batch,
     to_pointwise,
 )
+from .packed_attention import per_sample_attention
 from .pointwise_config import PointwiseConfig
 from .reference_stage import ReferenceStage, RewardFunctions
 from .tokenization import template_kwargs, tokenize_pairs
@@ -120,8 +125,9 @@ class DataCollatorForPointwise(DataCollatorMixin):
             Whether to build encoder inputs and decoder `labels` rather than one decoder-only sequence.
         padding_free (`bool`, *optional*, defaults to `False`):
             Decoder-only: pack the truncated samples into one row, as TRL's `DataCollatorForLanguageModeling` does with
-            `padding_free=True`, with no `attention_mask` but `position_ids` restarting at each sample (from which
-            transformers confines attention to each sample) and the sequence boundaries of the varlen kernels. The
+            `padding_free=True`, with no `attention_mask` but `position_ids` restarting at each sample and the sequence
+            boundaries (`cu_seq_lens_q`) at which flash attention's varlen path and the trainers' per-sample attention
+            (`qrpo_trl.packed_attention`, for sdpa and eager) confine attention to each sample. The
             batch also gets `sample_lengths` (tokens of each sample) and `sample_index` (the sample of each position
             of the row, padding counted with the last sample), so that per-sample sums need no device sync.
     """
@@ -223,20 +229,61 @@ class DataCollatorForPointwise(DataCollatorMixin):
         return torch.from_numpy((positions >= np.asarray(begin)[..., None]) & (positions < end[:, None])).long()
 
 
+def _is_compilable_device(device: torch.device) -> bool:
+    """XLA (Neuron) devices, for which TRL's fused LM head keeps fixed tile shapes."""
+    return device.type in ("xla", "neuron")
+
+
+class _InferenceLogProbs:
+    """
+    TRL's `ChunkedLogProbFunction` (its `apply`), which scores without autograd and without Triton (the reference
+    pass) by projecting `TOKEN_CHUNK_SIZE * chunk_size / vocab` tokens at a time (the same logits memory as its tiles)
+    into one fused log-softmax: its torch fallback folds each tile in ~6 elementwise passes and allocates a fresh
+    `TOKEN_CHUNK_SIZE x chunk_size` buffer per call, ~2x the cost of the projection on CPU. Same values (float32).
+    """
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs):
+        device = hidden.device
+        if torch.is_grad_enabled() or trl_use_triton(device) or _is_compilable_device(device) or outputs != ("log_probs",):
+            return ChunkedLogProbFunction.apply(
+                hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs
+            )
+        compute_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        weight = weight.to(compute_dtype)
+        bias = None if bias is None else bias.to(compute_dtype)
+        log_probs = torch.empty(hidden.size(0), device=device, dtype=torch.float32)
+        rows = max(1, TOKEN_CHUNK_SIZE * chunk_size // weight.size(0))
+        for start in range(0, hidden.size(0), rows):
+            logits = torch.nn.functional.linear(hidden[start : start + rows].to(compute_dtype), weight, bias).float()
+            # In place, in the order of TRL's `_torch_transform`
+            if logit_scale != 1.0:
+                logits.mul_(logit_scale)
+            if final_logit_softcapping is not None:
+                logits.div_(final_logit_softcapping).tanh_().mul_(final_logit_softcapping)
+            if temperature != 1.0:
+                logits.mul_(1 / temperature)
+            chunk_targets = targets[start : start + rows, None]
+            log_probs[start : start + rows] = logits.log_softmax(-1).gather(-1, chunk_targets).squeeze(-1)
+        return log_probs, None, None, None, None
+
+
 @contextlib.contextmanager
 def compact_fused_lm_head():
     """
     Make TRL's fused LM head project only the scored (completion) positions on every device but XLA ones, as it does on
-    Triton devices. Elsewhere it projects every position, prompt and padding included, so that the tile shapes stay
-    fixed for XLA (Neuron) compilers, which CPU does not need: there it would cost the reference pass ~40% against a bare
-    forward. Its torch fallback folds the compact positions as its Triton kernel does; the values are the same.
+    Triton devices, and score without autograd through `_InferenceLogProbs` where Triton is not available. Elsewhere
+    it projects every position, prompt and padding included, so that the tile shapes stay fixed for XLA (Neuron)
+    compilers, which CPU does not need: there it would cost the reference pass ~40% against a bare forward. Its torch
+    fallback folds the compact positions as its Triton kernel does; the values are the same.
     """
-    use_triton = trl_utils._use_triton
-    trl_utils._use_triton = lambda device: device.type not in ("xla", "neuron")
+    use_triton, log_probs_function = trl_utils._use_triton, trl_utils._ChunkedLogProbFunction
+    trl_utils._use_triton = lambda device: not _is_compilable_device(device)
+    trl_utils._ChunkedLogProbFunction = _InferenceLogProbs
     try:
         yield
     finally:
-        trl_utils._use_triton = use_triton
+        trl_utils._use_triton, trl_utils._ChunkedLogProbFunction = use_triton, log_probs_function
 
 
 def hash_partitioned_module(module: torch.nn.Module) -> str:
@@ -340,6 +387,7 @@ class PointwiseTrainer(DPOTrainer):
         self._train_statistics = None
         self._fused_lm_head_restricted = False
         self._padding_free_checked = False
+        self._unwrapped_models = {}
         self._eval_pair_rewards = []
         # Loaded before anything else, so that a reward model that cannot be loaded fails first
         self._reward_functions = None
@@ -658,12 +706,12 @@ class PointwiseTrainer(DPOTrainer):
         """
         With `padding_free=True`, raise a ValueError for a model that cannot score a packed row sample by sample.
 
-        transformers confines attention to each packed sample from `position_ids` in the masks it builds for `eager`,
-        `sdpa` and `flex_attention` (`find_packed_sequence_indices`), and flash attention runs its varlen path; but a
-        model can build its masks without the positions (GPT-OSS does) and custom implementations may ignore them. So
-        each model that will score packed rows is probed once, before the first pass: a sample must get the same
-        log-probability alone and packed after another sample, which attention leaking from one into the other breaks
-        (within 1e-5 relative, 1e-2 in half precision).
+        Packed rows run each sample's own attention for `sdpa` and `eager` (`qrpo_trl.packed_attention`), flash
+        attention's varlen path, and for `flex_attention` the masks transformers builds from `position_ids`; but a
+        model's attention may not get the sequence boundaries, or not compute what its own padded forward computes, and
+        custom implementations may ignore the positions. So each model that will score packed rows is probed once,
+        before the first pass: a sample packed after another one must get the log-probability it gets alone in a
+        padded batch, through the model's own attention (within 1e-5 relative, 1e-2 in half precision).
         """
         if not self._padding_free or self._padding_free_checked:
             return
@@ -687,8 +735,10 @@ class PointwiseTrainer(DPOTrainer):
             with torch.no_grad(), self.accelerator.autocast():
                 was_training = model.training
                 model.eval()
-                for examples in ([probe], [other, probe]):  # alone (nothing to leak from), then after another sample
-                    batch = self.data_collator(examples)
+                # Alone in a padded batch (nothing to leak from), then packed after another sample
+                padded_collator = dataclasses.replace(self.data_collator, padding_free=False)
+                for collator, examples in ((padded_collator, [probe]), (self.data_collator, [other, probe])):
+                    batch = collator(examples)
                     batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                     scores.append(self._sequence_logps(model, batch)[0][-1].item())
                 model.train(was_training)
@@ -699,8 +749,9 @@ class PointwiseTrainer(DPOTrainer):
                     f"`padding_free=True` needs attention confined to each packed sample, and the {role} "
                     f"({type(self.accelerator.unwrap_model(model)).__name__} with attn_implementation="
                     f"{implementation!r}) does not confine it: a sample scores {alone:.6g} alone and {packed:.6g} "
-                    "packed after another one. transformers confines it for 'sdpa', 'eager' and 'flex_attention' in "
-                    "models that build their masks from `position_ids`, and with flash attention. Set "
+                    "packed after another one. Packed rows are confined for 'sdpa' and 'eager' in models that pass "
+                    "the sequence boundaries to their attention, with flash attention, and for 'flex_attention' in "
+                    "models that build their masks from `position_ids`. Set "
                     "`padding_free=False` or use another attention implementation."
                 )
         self._padding_free_checked = True
@@ -750,12 +801,16 @@ class PointwiseTrainer(DPOTrainer):
         was_training = model.training
         model.eval()
         chunks = []
-        for batch in tqdm(
+        batches = tqdm(
             iterable=dataloader,
             desc=f"Computing reference log-probs for {name} dataset",
             disable=bool(os.environ.get("TQDM_DISABLE", "")),
-        ):
-            chunks.append(self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch)).cpu())
+        )
+        # The log-probs only leave as numbers: no version counters to keep. Activation checkpointing (nothing to
+        # re-run without a backward) is switched off once here rather than per batch by `compute_ref_log_probs`
+        with torch.inference_mode(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            for batch in batches:
+                chunks.append(self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch)).cpu())
         model.train(was_training)
         ref_logps = np.empty(len(dataset))
         ref_logps[order] = torch.cat(chunks).double().numpy()
@@ -850,7 +905,7 @@ class PointwiseTrainer(DPOTrainer):
             router_kwargs = {"output_router_logits": output_router_logits} if self._is_moe_model else {}
             # A packed row (`padding_free`) has no attention mask: positions and sequence boundaries confine attention
             model_inputs = {key: inputs[key] for key in MODEL_INPUT_KEYS if key in inputs}
-            with compact_fused_lm_head():
+            with compact_fused_lm_head(), self._packed_attention(model, inputs):
                 outputs = model(labels=labels, fused_lm_head=True, use_cache=False, **model_inputs, **router_kwargs)
             token_mask = completion_mask[:, 1:]
             # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
@@ -866,6 +921,20 @@ class PointwiseTrainer(DPOTrainer):
         if self.args.logps_normalization == "mean":
             logps = logps / num_scored.clamp(min=1)
         return logps, aux_loss
+
+    def _packed_attention(self, model, inputs):
+        """Per-sample attention (`qrpo_trl.packed_attention`) for the forwards of `model` over a packed row."""
+        if "cu_seq_lens_q" not in inputs:
+            return contextlib.nullcontext()
+        # accelerate's `unwrap_model` reads package metadata at every call (milliseconds): once per model wrapper
+        if model not in self._unwrapped_models:
+            self._unwrapped_models[model] = self.accelerator.unwrap_model(model)
+        return per_sample_attention(self._unwrapped_models[model])
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # The whole step, backward included: activation checkpointing re-runs the forwards there
+        with self._packed_attention(model, inputs):
+            return super().training_step(model, inputs, num_items_in_batch)
 
     @cached_property
     def _is_moe_model(self) -> bool:
@@ -931,7 +1000,8 @@ class PointwiseTrainer(DPOTrainer):
             model_inputs = {key: inputs[key] for key in MODEL_INPUT_KEYS if key in inputs}
             if self.is_encoder_decoder:
                 model_inputs["labels"] = inputs["labels"]  # the decoder target, from which its inputs are built
-            with torch.no_grad():  # no cache: with one, transformers would not confine attention in a packed row
+            # No cache: with one, transformers would not confine attention in a packed row
+            with torch.no_grad(), self._packed_attention(model, inputs):
                 outputs = model(**model_inputs, use_cache=False)
             return loss, outputs
         return loss

@@ -16,11 +16,12 @@ ratio's spread (min and max of the per-repeat ratios).
    dataset order restored) vs a bare `torch.inference_mode()` forward of the same model over the same batches. Target:
    >= 0.9. Also vs the bare forward over batches in dataset order, as a plain loop over the dataset would run it; and
    the padding-free reference pass vs a bare forward over the same packed rows.
-3. Peak memory of a QRPO training step (forward + backward) vs an SFT step of TRL's SFTTrainer (completion-only loss)
-   on the same batch, target <= 1.1; and vs a bare `model(..., labels=...)` loss, which builds the full logits. On CPU
-   it is the peak of the bytes held by live tensors while the step runs, weights and gradients included, counted op by
-   op by torch's `MemTracker` (a dispatch mode: tensor allocations only, like tracemalloc, so the allocator's caching
-   and fragmentation and the Python heap do not count); on CUDA, `torch.cuda.max_memory_allocated`.
+3. Peak memory of a QRPO training step (forward + backward), padded and packed (`padding_free`), vs an SFT step of
+   TRL's SFTTrainer (completion-only loss) on the same rows, target <= 1.1; and vs a bare `model(..., labels=...)`
+   loss, which builds the full logits. On CPU it is the peak of the bytes held by live tensors while the step runs,
+   weights and gradients included, counted op by op by torch's `MemTracker` (a dispatch mode: tensor allocations only,
+   like tracemalloc, so the allocator's caching and fragmentation and the Python heap do not count); on CUDA,
+   `torch.cuda.max_memory_allocated`.
 4. Padding waste: the fraction of padded positions in the batches each contender builds (0 when packed).
 
 With `--device cuda` the table also gives tokens/s and MFU: FLOPs are 6 * N * tokens for a training step (8 * N * tokens
@@ -438,10 +439,14 @@ def benchmark_reference_pass(args, device, trainer, packing_trainer) -> tuple[di
     return results, ratios, waste
 
 
-def benchmark_memory(args, device, model_path, qrpo, workdir) -> tuple[dict, dict]:
-    """One forward + backward on the same rows: QRPO, TRL's SFTTrainer, and a bare loss over the full logits."""
+def benchmark_memory(args, device, model_path, qrpo, packing_qrpo, workdir) -> tuple[dict, dict]:
+    """
+    One forward + backward on the same rows: QRPO padded and packed (`padding_free`), TRL's SFTTrainer, and a bare loss
+    over the full logits.
+    """
     rows = qrpo.train_dataset.shuffle(seed=args.seed).select(range(args.batch_size))
     qrpo_batch = qrpo.data_collator(list(rows))
+    packed_batch = packing_qrpo.data_collator(list(rows))
     sft_rows = Dataset.from_dict(
         {
             "input_ids": [p + c for p, c in zip(rows["prompt_ids"], rows["completion_ids"], strict=True)],
@@ -472,6 +477,9 @@ def benchmark_memory(args, device, model_path, qrpo, workdir) -> tuple[dict, dic
 
     steps = {
         "QRPO": (qrpo.model, lambda: qrpo.training_step(qrpo.model, qrpo_batch), qrpo_batch),
+        "QRPO, padding_free": (
+            packing_qrpo.model, lambda: packing_qrpo.training_step(packing_qrpo.model, packed_batch), packed_batch
+        ),
         "SFTTrainer": (sft.model, lambda: sft.training_step(sft.model, sft_batch), sft_batch),
         "bare loss (full logits)": (bare_model, bare_step, bare_batch),
     }
@@ -489,7 +497,8 @@ def benchmark_memory(args, device, model_path, qrpo, workdir) -> tuple[dict, dic
             "activation_checkpointing": model.is_activation_checkpointing,
         }
     ratios = {
-        f"QRPO / {name}": {"ratio": results["QRPO"]["peak_bytes"] / results[name]["peak_bytes"]}
+        f"{qrpo_name} / {name}": {"ratio": results[qrpo_name]["peak_bytes"] / results[name]["peak_bytes"]}
+        for qrpo_name in ("QRPO", "QRPO, padding_free")
         for name in ("SFTTrainer", "bare loss (full logits)")
     }
     return results, ratios
@@ -501,6 +510,7 @@ TARGETS = {
     "reference pass / bare forward, same batches": (">=", 0.9),
     "reference pass, padding_free / bare forward, same packed rows": (">=", 0.9),
     "QRPO / SFTTrainer": ("<=", 1.1),
+    "QRPO, padding_free / SFTTrainer": ("<=", 1.1),
 }
 
 
@@ -553,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict:
         progress(f"2/3 reference pass ({time.perf_counter() - start:.0f} s)")
         reference, reference_ratios, reference_waste = benchmark_reference_pass(args, device, qrpo, packing_qrpo)
         progress(f"3/3 memory ({time.perf_counter() - start:.0f} s)")
-        memory, memory_ratios = benchmark_memory(args, device, model_path, qrpo, workdir)
+        memory, memory_ratios = benchmark_memory(args, device, model_path, qrpo, packing_qrpo, workdir)
     results = {
         "config": asdict(args),
         "machine": {

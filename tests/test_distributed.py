@@ -29,9 +29,17 @@ ROOT = Path(__file__).parent.parent
 DRIVER = Path(__file__).parent / "scripts" / "train_tiny.py"
 LORA = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj"]
 # RPO with the per-token mean (its paper's code) keys another cache than QRPO, so that each job scores its data
-JOBS = {"qrpo": ["qrpo"], "rpo": ["rpo", "--logps_normalization", "mean"], "qrpo_lora": ["qrpo", *LORA]}
+# QRPO packed (`padding_free`): a `max_length` no row reaches keys another cache, so that it scores its data itself
+JOBS = {
+    "qrpo": ["qrpo"],
+    "rpo": ["rpo", "--logps_normalization", "mean"],
+    "qrpo_lora": ["qrpo", *LORA],
+    "qrpo_packed": ["qrpo", "--padding_free", "true", "--max_length", "512"],
+}
 # The jobs each shipped config trains with 2 processes; ZeRO-3's QRPO run saves the checkpoint the resume test uses
-TWO_PROCESS_JOBS = {"ddp": ["qrpo", "rpo", "qrpo_lora"], "zero2": ["qrpo", "rpo"], "zero3": ["qrpo", "rpo"]}
+TWO_PROCESS_JOBS = {
+    "ddp": ["qrpo", "rpo", "qrpo_lora", "qrpo_packed"], "zero2": ["qrpo", "rpo"], "zero3": ["qrpo", "rpo"]
+}
 GLOBAL_BATCH = 4
 
 
@@ -157,6 +165,15 @@ def test_two_processes_match_one(config, baseline, two_processes):
         np.testing.assert_allclose(log["loss"], expected["loss"], rtol=1e-4)
         for key in log:
             np.testing.assert_allclose(log[key], expected[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_packed_training_matches_padded(baseline):
+    """One process, the same global batches: packed (`padding_free`) logs what padded batches log."""
+    packed, padded = baseline["qrpo_packed"], baseline["qrpo"]
+    np.testing.assert_allclose(packed["ref_logps"], padded["ref_logps"], rtol=1e-5, atol=1e-5)
+    assert packed["log"].keys() == padded["log"].keys()
+    for key in padded["log"]:
+        np.testing.assert_allclose(packed["log"][key], padded["log"][key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 def test_command_resumes_under_zero3(workspace, two_processes):

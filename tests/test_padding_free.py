@@ -9,9 +9,12 @@ import torch
 from conftest import build_tiny_llama, logged, make_args, sequence_logps, varied_pointwise_dataset
 from datasets import Dataset
 from peft import LoraConfig, PromptTuningConfig
-from transformers import LlamaForCausalLM
+from transformers import AttentionInterface, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from qrpo_trl import DataCollatorForPointwise, QRPOConfig, QRPOTrainer, RPOConfig, RPOTrainer
+from qrpo_trl.packed_attention import PER_SAMPLE_IMPLEMENTATIONS, per_sample_attention
+from qrpo_trl.pointwise_trainer import MODEL_INPUT_KEYS
 
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -55,20 +58,57 @@ def test_packed_batch_holds_the_padded_batch_rows(max_length, truncation_mode, p
     assert packed["target"].tolist() == padded["target"].tolist()
 
 
-def test_packed_attention_is_confined_to_each_sample(tokenizer):
-    """On CPU (sdpa and eager), a forward over the packed row gives each sample's logits alone."""
-    for implementation in ("sdpa", "eager"):
-        model = build_tiny_llama(tokenizer)
-        model.set_attn_implementation(implementation)
-        samples = [[2, 8, 9, 10], [2, 11], [2, 12, 13, 14, 15, 16]]
-        packed = DataCollatorForPointwise(pad_token_id=0, padding_free=True)(
-            [{"prompt_ids": s[:1], "completion_ids": s[1:]} for s in samples]
-        )
-        with torch.no_grad():
-            # transformers detects the packing only without a cache, as the trainers' forwards run
-            logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
-            alone = torch.cat([model(input_ids=torch.tensor([s])).logits[0] for s in samples])
-        torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-5)
+def _tiny_mistral(tokenizer, sliding_window):
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=4, max_position_embeddings=128, sliding_window=sliding_window,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    return MistralForCausalLM(config)
+
+
+def _spy(monkeypatch, mapping, key, calls):
+    """Replace `mapping[key]` by a wrapper that records the attention mask of each call."""
+    function = mapping[key]
+
+    def spy(*args, **kwargs):
+        calls.append(args[4] if len(args) > 4 else kwargs.get("attention_mask"))
+        return function(*args, **kwargs)
+
+    monkeypatch.setitem(mapping, key, spy)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("architecture", ["llama-gqa", "mistral-sliding-window"])
+def test_per_sample_attention_equals_dense_mask_and_builds_no_mask(tokenizer, monkeypatch, implementation, architecture):
+    """
+    A packed row through per-sample attention gives the logits of transformers' dense packed mask and of each sample
+    alone; no mask is built for it, and the model's config says its own implementation again afterwards.
+    """
+    model = build_tiny_llama(tokenizer) if architecture == "llama-gqa" else _tiny_mistral(tokenizer, sliding_window=3)
+    model.set_attn_implementation(implementation)
+    samples = [[2, 8, 9, 10], [2, 11], [2, 12, 13, 14, 15, 16, 17]]  # the last longer than the sliding window
+    packed = DataCollatorForPointwise(pad_token_id=0, padding_free=True)(
+        [{"prompt_ids": s[:1], "completion_ids": s[1:]} for s in samples]
+    )
+    model_inputs = {key: packed[key] for key in MODEL_INPUT_KEYS if key in packed}
+    with torch.no_grad():
+        # transformers' dense mask from `position_ids` (it detects the packing only without a cache)
+        dense = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([s])).logits[0] for s in samples])
+        attention_calls, mask_calls = [], []
+        _spy(monkeypatch, AttentionInterface._global_mapping, PER_SAMPLE_IMPLEMENTATIONS[implementation], attention_calls)
+        for name in ("sdpa", "eager"):
+            _spy(monkeypatch, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, name, mask_calls)
+        with per_sample_attention(model):
+            assert model.config._attn_implementation == PER_SAMPLE_IMPLEMENTATIONS[implementation]
+            per_sample = model(**model_inputs, use_cache=False).logits[0]
+    assert model.config._attn_implementation == implementation
+    assert len(attention_calls) == model.config.num_hidden_layers and all(m is None for m in attention_calls)
+    assert not mask_calls  # no (row x row) mask built
+    torch.testing.assert_close(per_sample, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(per_sample, alone, atol=1e-5, rtol=1e-5)
 
 
 def _trainer(model_path, tmp_path, dataset, padding_free, trainer_class=QRPOTrainer, config_class=QRPOConfig, peft_config=None, **settings):
@@ -129,6 +169,40 @@ def test_packed_logps_loss_and_gradients_equal_padded(
     assert packed[2].keys() == padded[2].keys() and packed[2]
     for name in padded[2]:
         torch.testing.assert_close(packed[2][name], padded[2][name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_packed_training_step_with_activation_checkpointing_equals_padded(
+    tiny_llama_path, varied_dataset, tmp_path, monkeypatch, implementation
+):
+    """
+    The training step (forward, and backward re-running the checkpointed layers) runs per-sample attention and gives
+    the padded batch's loss and gradients; the model's config is its own again after the step.
+    """
+    results = []
+    for padding_free in (False, True):
+        trainer = _trainer(
+            tiny_llama_path, tmp_path, varied_dataset, padding_free, gradient_checkpointing=True,
+            model_init_kwargs={"attn_implementation": implementation},
+        )
+        calls = []
+        _spy(monkeypatch, AttentionInterface._global_mapping, PER_SAMPLE_IMPLEMENTATIONS[implementation], calls)
+        batch = trainer._prepare_inputs(trainer.data_collator(list(trainer.train_dataset.select(range(6)))))
+        # As `train` sets up the model and the step
+        trainer.model.gradient_checkpointing_enable(trainer.args.gradient_checkpointing_kwargs)
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.model.train()
+        trainer.model.zero_grad()
+        loss = trainer.training_step(trainer.model, batch)
+        assert trainer.model.config._attn_implementation == implementation
+        num_layers = trainer.model.config.num_hidden_layers
+        assert len(calls) == (2 * num_layers if padding_free else 0)  # forward, then recomputed in the backward
+        gradients = {name: param.grad.clone() for name, param in trainer.model.named_parameters() if param.requires_grad}
+        results.append((loss, gradients))
+    (padded_loss, padded), (packed_loss, packed) = results
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    for name in padded:
+        torch.testing.assert_close(packed[name], padded[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("peft_config", [None, LORA], ids=["full", "lora"])

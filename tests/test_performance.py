@@ -3,15 +3,18 @@
 import importlib.util
 import json
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from conftest import logged, make_args, sequence_logps, varied_pointwise_dataset
 from peft import LoraConfig
+from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from qrpo_trl import DataCollatorForPointwise, QRPOConfig, QRPOTrainer
+from qrpo_trl.pointwise_trainer import _InferenceLogProbs
 
 
 BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "benchmark.py")
@@ -111,6 +114,29 @@ def test_fused_lm_head_computes_only_log_probs(tiny_llama_path, varied_dataset, 
     assert trainer.model(input_ids=batch["input_ids"]).logits.shape[-1] == trainer.model.config.vocab_size
 
 
+@pytest.mark.parametrize(
+    "bias,temperature,softcap,logit_scale", [(False, 1.0, None, 1.0), (True, 0.7, 5.0, 0.5)], ids=["plain", "scaled"]
+)
+def test_inference_log_probs_equal_trl_chunked_function(bias, temperature, softcap, logit_scale):
+    """
+    The reference pass's fused LM head (`_InferenceLogProbs`, no autograd, no Triton) gives TRL's log-probs, with the
+    model's logit scaling, softcapping and temperature, over several row chunks; with autograd it is TRL's function.
+    """
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(37, 8, generator=generator), torch.randn(50, 8, generator=generator)
+    arguments = (
+        hidden, weight, torch.randn(50, generator=generator) if bias else None,
+        torch.randint(0, 50, (37,), generator=generator), temperature, 8, softcap, logit_scale, ("log_probs",),
+    )
+    expected = ChunkedLogProbFunction.apply(*arguments)[0]
+    with torch.no_grad(), mock.patch("qrpo_trl.pointwise_trainer.TOKEN_CHUNK_SIZE", 64):  # 64 * 8 // 50: 10 rows a chunk
+        log_probs, *others = _InferenceLogProbs.apply(*arguments)
+    assert others == [None] * 4
+    torch.testing.assert_close(log_probs, expected, atol=1e-6, rtol=1e-6)
+    weight.requires_grad_(True)
+    assert _InferenceLogProbs.apply(*arguments[:1], weight, *arguments[2:])[0].grad_fn is not None
+
+
 def load_benchmark():
     spec = importlib.util.spec_from_file_location("benchmark", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
@@ -149,7 +175,9 @@ def test_benchmark_quick_run_writes_its_figures(tmp_path):
             "reference pass, padding_free / bare forward, same packed rows",
             "reference pass, padding_free / reference pass",
         },
-        "memory": {"QRPO / SFTTrainer", "QRPO / bare loss (full logits)"},
+        "memory": {
+            f"{q} / {d}" for q in ("QRPO", "QRPO, padding_free") for d in ("SFTTrainer", "bare loss (full logits)")
+        },
     }
     for section, names in expected.items():
         assert set(results[section]["ratios"]) == names
@@ -158,3 +186,4 @@ def test_benchmark_quick_run_writes_its_figures(tmp_path):
     assert results["padding_waste"]["training: QRPO, padding_free"] == 0
     assert results["padding_waste"]["reference pass, padding_free"] == 0
     assert results["memory"]["contenders"]["QRPO"]["peak_bytes"] > 0
+    assert results["memory"]["contenders"]["QRPO, padding_free"]["peak_bytes"] > 0

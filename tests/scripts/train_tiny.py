@@ -29,7 +29,7 @@ def count_scored_rows(rows: list[int]) -> None:
     compute_ref_log_probs = PointwiseTrainer.compute_ref_log_probs
 
     def counting(self, model, inputs):
-        rows.append(len(inputs["input_ids"]))
+        rows.append(len(inputs["sample_lengths"] if "sample_lengths" in inputs else inputs["input_ids"]))  # packed: 1 row
         return compute_ref_log_probs(self, model, inputs)
 
     PointwiseTrainer.compute_ref_log_probs = counting
