@@ -42,7 +42,7 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
             KL coefficient of the regularised objective `E[R] - beta * KL(pi || pi_ref)`. Higher β keeps the policy
             closer to the reference model. The regression fits `beta * (log pi_theta - log pi_ref)` to the target.
         precompute_ref_log_probs (`bool`, *optional*, defaults to `True`):
-            Whether to compute the reference log-probabilities once, in the dataset map stage, so that training holds no
+            Whether to compute the reference log-probabilities once, before training, so that training holds no
             reference model. If `False`, they are recomputed on the fly at every step, with `ref_model`, the adapters
             disabled (PEFT), or a reference loaded from the model path; the loss is the same.
         logps_normalization (`str`, *optional*, defaults to `"sum"`):
@@ -105,7 +105,7 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
     precompute_ref_log_probs: bool = field(
         default=True,
         metadata={
-            "help": "Compute the reference log-probabilities once, in the dataset map stage, so that training holds no "
+            "help": "Compute the reference log-probabilities once, before training, so that training holds no "
             "reference model. If False, they are recomputed on the fly at every step."
         },
     )
@@ -155,8 +155,8 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
         if changed:
             raise ValueError(
                 f"{type(self).__name__} does not use DPO's {', '.join(f'`{name}`' for name in changed)}: the loss is "
-                "a single squared regression onto a precomputed target, against a fixed reference model. Leave these "
-                "fields at their defaults."
+                "one pointwise regression (`regression_loss`) onto a per-sample target, against a fixed reference "
+                "model. Leave these fields at their defaults."
             )
 
 

@@ -68,7 +68,7 @@ from transformers.utils import logging as transformers_logging  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from qrpo_trl import QRPOConfig, QRPOTrainer  # noqa: E402
-from qrpo_trl.pointwise_trainer import MODEL_INPUT_KEYS  # noqa: E402
+from qrpo_trl.pointwise_collator import MODEL_INPUT_KEYS  # noqa: E402
 
 
 @dataclass

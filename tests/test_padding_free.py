@@ -13,8 +13,8 @@ from transformers import AttentionInterface, LlamaForCausalLM, MistralConfig, Mi
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from qrpo_trl import DataCollatorForPointwise, QRPOConfig, QRPOTrainer, RPOConfig, RPOTrainer
-from qrpo_trl.packed_attention import PER_SAMPLE_IMPLEMENTATIONS, per_sample_attention
-from qrpo_trl.pointwise_trainer import MODEL_INPUT_KEYS
+from qrpo_trl.kernels.packed_attention import PER_SAMPLE_IMPLEMENTATIONS, per_sample_attention
+from qrpo_trl.pointwise_collator import MODEL_INPUT_KEYS
 
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
