@@ -17,7 +17,7 @@ from qrpo_trl import DataCollatorForPointwise, QRPOConfig, QRPOTrainer
 from qrpo_trl.pointwise_trainer import _InferenceLogProbs
 
 
-BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "benchmark.py")
+BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "benchmark.py")
 
 
 @pytest.fixture
