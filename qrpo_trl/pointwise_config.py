@@ -61,38 +61,9 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
             official QRPO code's option of the same name): when the reference completions were sampled at a
             temperature T != 1, the quantile's reference distribution is then the one the regression uses.
 
-        > Parameters of the reference stage (see [`ReferenceConfig`]), used when the trainer is given `reward_funcs`
-        > and the dataset lacks rewards, or QRPO's `ref_rewards`. Sampling is seeded by `seed`.
-
-        num_generations (`int`, *optional*, defaults to `8`):
-            Number of completions sampled from the reference model per prompt: QRPO's reference completions, or the
-            training completions of a prompt-only dataset.
-        max_completion_length (`int`, *optional*, defaults to `512`):
-            Maximum number of tokens of a sampled completion.
-        temperature (`float`, *optional*, defaults to `1.0`):
-            Sampling temperature. QRPO's quantile assumes samples of the reference model itself: keep `1.0`, or set
-            `apply_temperature_in_training=True` so that the reference model is the one at this temperature.
-        top_p (`float`, *optional*, defaults to `1.0`):
-            Nucleus sampling threshold; `1.0` keeps every token.
-        top_k (`int`, *optional*, defaults to `0`):
-            Sample among the `top_k` most likely tokens only; `0` keeps every token.
-        generation_batch_size (`int`, *optional*, defaults to `32`):
-            Number of completions generated (or texts scored by a reward model) per batch on each process.
-        use_vllm (`bool`, *optional*, defaults to `False`):
-            Whether to sample with vLLM instead of `model.generate()` (needs vLLM and a CUDA GPU).
-        vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
-            Fraction of the GPU memory that vLLM may use.
-        reward_weights (`list[float]`, *optional*):
-            Weights of the reward functions: the reward is their weighted sum. If `None`, every weight is `1.0`.
-        reward_model_trust_remote_code (`bool`, *optional*, defaults to `False`):
-            Whether reward models given by path are loaded with `trust_remote_code=True`: custom-code reward models
-            such as ArmoRM-Llama3-8B-v0.1 (the QRPO paper's), whose reward is read from the output's `score`.
-        keep_ref_completions (`bool`, *optional*, defaults to `False`):
-            Whether to keep the sampled reference completions as a `ref_completions` column.
-        reference_cache_dir (`str`, *optional*):
-            Directory of the reference-stage cache. If `None`, `$HF_HOME/qrpo_trl`.
-        reference_chunk_size (`int`, *optional*, defaults to `1024`):
-            Number of completions per cached chunk: an interrupted run resumes after the last completed chunk.
+        > Parameters of the reference stage, used when the trainer is given `reward_funcs` and the dataset lacks
+        > rewards, or QRPO's `ref_rewards`: the fields of [`ReferenceStageFields`], documented there. Sampling is
+        > seeded by `seed`.
     """
 
     beta: float = field(
