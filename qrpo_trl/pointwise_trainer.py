@@ -495,7 +495,7 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
         return self.args.temperature if self.args.apply_temperature_in_training else 1.0
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Reference stage
+    # Reference stage (sampling and scoring reference completions, when the dataset lacks rewards)
 
     def _needs_reference_stage(self, dataset: Dataset) -> bool:
         """Whether `reward_funcs` were given and the dataset lacks rewards, or reference rewards the trainer needs."""
