@@ -1,7 +1,8 @@
 """QRPO and RPO trainers for Hugging Face TRL: pointwise alignment by regression onto a closed-form target."""
 
+from .pointwise_collator import DataCollatorForPointwise
 from .pointwise_config import PointwiseConfig
-from .pointwise_trainer import DataCollatorForPointwise, PointwiseTrainer
+from .pointwise_trainer import PointwiseTrainer
 from .qrpo_config import QRPOConfig
 from .qrpo_trainer import QRPOTrainer
 from .reference_config import ReferenceConfig

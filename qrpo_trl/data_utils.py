@@ -154,11 +154,16 @@ def check_rewards(dataset: Dataset, dataset_name: str) -> None:
         float_column(dataset, column, dataset_name)
 
 
+def first_appearance_labels(keys) -> np.ndarray:
+    """An integer label per key, equal for equal keys, numbered in order of first appearance."""
+    labels = {}
+    return np.array([labels.setdefault(key, len(labels)) for key in keys], dtype=np.int64)
+
+
 def prompt_groups(dataset: Dataset) -> np.ndarray:
     """An integer label per row, equal for rows with the same prompt (text, or conversation compared as JSON)."""
-    labels = {}
     keys = (prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True) for prompt in dataset["prompt"])
-    return np.array([labels.setdefault(key, len(labels)) for key in keys], dtype=np.int64)
+    return first_appearance_labels(keys)
 
 
 def check_ref_logps(dataset: Dataset, dataset_name: str) -> None:
@@ -183,9 +188,8 @@ def check_ref_logps(dataset: Dataset, dataset_name: str) -> None:
 
 def completion_groups(dataset: Dataset, groups: np.ndarray) -> np.ndarray:
     """A label per row of a tokenised dataset, equal for rows with the same prompt group and completion tokens."""
-    labels = {}
     keys = zip(groups.tolist(), map(tuple, dataset.with_format("arrow")["completion_ids"].to_pylist()), strict=True)
-    return np.array([labels.setdefault(key, len(labels)) for key in keys], dtype=np.int64)
+    return first_appearance_labels(keys)
 
 
 def to_pointwise(

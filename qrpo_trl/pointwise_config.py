@@ -42,7 +42,7 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
             KL coefficient of the regularised objective `E[R] - beta * KL(pi || pi_ref)`. Higher β keeps the policy
             closer to the reference model. The regression fits `beta * (log pi_theta - log pi_ref)` to the target.
         precompute_ref_log_probs (`bool`, *optional*, defaults to `True`):
-            Whether to compute the reference log-probabilities once, in the dataset map stage, so that training holds no
+            Whether to compute the reference log-probabilities once, before training, so that training holds no
             reference model. If `False`, they are recomputed on the fly at every step, with `ref_model`, the adapters
             disabled (PEFT), or a reference loaded from the model path; the loss is the same.
         logps_normalization (`str`, *optional*, defaults to `"sum"`):
@@ -61,38 +61,9 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
             official QRPO code's option of the same name): when the reference completions were sampled at a
             temperature T != 1, the quantile's reference distribution is then the one the regression uses.
 
-        > Parameters of the reference stage (see [`ReferenceConfig`]), used when the trainer is given `reward_funcs`
-        > and the dataset lacks rewards, or QRPO's `ref_rewards`. Sampling is seeded by `seed`.
-
-        num_generations (`int`, *optional*, defaults to `8`):
-            Number of completions sampled from the reference model per prompt: QRPO's reference completions, or the
-            training completions of a prompt-only dataset.
-        max_completion_length (`int`, *optional*, defaults to `512`):
-            Maximum number of tokens of a sampled completion.
-        temperature (`float`, *optional*, defaults to `1.0`):
-            Sampling temperature. QRPO's quantile assumes samples of the reference model itself: keep `1.0`, or set
-            `apply_temperature_in_training=True` so that the reference model is the one at this temperature.
-        top_p (`float`, *optional*, defaults to `1.0`):
-            Nucleus sampling threshold; `1.0` keeps every token.
-        top_k (`int`, *optional*, defaults to `0`):
-            Sample among the `top_k` most likely tokens only; `0` keeps every token.
-        generation_batch_size (`int`, *optional*, defaults to `32`):
-            Number of completions generated (or texts scored by a reward model) per batch on each process.
-        use_vllm (`bool`, *optional*, defaults to `False`):
-            Whether to sample with vLLM instead of `model.generate()` (needs vLLM and a CUDA GPU).
-        vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
-            Fraction of the GPU memory that vLLM may use.
-        reward_weights (`list[float]`, *optional*):
-            Weights of the reward functions: the reward is their weighted sum. If `None`, every weight is `1.0`.
-        reward_model_trust_remote_code (`bool`, *optional*, defaults to `False`):
-            Whether reward models given by path are loaded with `trust_remote_code=True`: custom-code reward models
-            such as ArmoRM-Llama3-8B-v0.1 (the QRPO paper's), whose reward is read from the output's `score`.
-        keep_ref_completions (`bool`, *optional*, defaults to `False`):
-            Whether to keep the sampled reference completions as a `ref_completions` column.
-        reference_cache_dir (`str`, *optional*):
-            Directory of the reference-stage cache. If `None`, `$HF_HOME/qrpo_trl`.
-        reference_chunk_size (`int`, *optional*, defaults to `1024`):
-            Number of completions per cached chunk: an interrupted run resumes after the last completed chunk.
+        > Parameters of the reference stage, used when the trainer is given `reward_funcs` and the dataset lacks
+        > rewards, or QRPO's `ref_rewards`: the fields of [`ReferenceStageFields`], documented there. Sampling is
+        > seeded by `seed`.
     """
 
     beta: float = field(
@@ -105,7 +76,7 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
     precompute_ref_log_probs: bool = field(
         default=True,
         metadata={
-            "help": "Compute the reference log-probabilities once, in the dataset map stage, so that training holds no "
+            "help": "Compute the reference log-probabilities once, before training, so that training holds no "
             "reference model. If False, they are recomputed on the fly at every step."
         },
     )
@@ -155,8 +126,8 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
         if changed:
             raise ValueError(
                 f"{type(self).__name__} does not use DPO's {', '.join(f'`{name}`' for name in changed)}: the loss is "
-                "a single squared regression onto a precomputed target, against a fixed reference model. Leave these "
-                "fields at their defaults."
+                "one pointwise regression (`regression_loss`) onto a per-sample target, against a fixed reference "
+                "model. Leave these fields at their defaults."
             )
 
 

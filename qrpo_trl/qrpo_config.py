@@ -1,7 +1,7 @@
 from dataclasses import dataclass, field
 
 from .pointwise_config import PointwiseConfig, check_choice
-from .targets import MIN_REFERENCES, PARTITIONS, TIES, TRANSFORMS
+from .targets import MIN_REFERENCES, PARTITIONS, TIES, TRANSFORMS, check_partition
 
 
 @dataclass
@@ -101,11 +101,7 @@ class QRPOConfig(PointwiseConfig):
         check_choice("transform", self.transform, TRANSFORMS)
         check_choice("partition", self.partition, PARTITIONS)
         check_choice("ties", self.ties, TIES)
-        if self.partition == "approx" and self.transform != "identity":
-            raise ValueError(
-                f"`partition='approx'` is the official README's log Z = log(beta) + 1/beta, which only holds for "
-                f"`transform='identity'`, not {self.transform!r}."
-            )
+        check_partition(self.transform, self.partition)
         minimum = MIN_REFERENCES.get(self.transform, 1)
         if self.num_ref_rewards is not None and self.num_ref_rewards < minimum:
             reason = (

@@ -3,7 +3,8 @@ import textwrap
 import numpy as np
 
 from .data_utils import float_column, ragged_float_column, reward_columns
-from .pointwise_trainer import PointwiseTrainer, completion_lengths
+from .pointwise_collator import completion_lengths
+from .pointwise_trainer import PointwiseTrainer
 from .qrpo_config import QRPOConfig
 from .targets import (
     MIN_REFERENCES,

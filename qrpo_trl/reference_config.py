@@ -1,107 +1,36 @@
 """Settings of the reference stage: sampling reference completions and scoring completions with reward functions."""
 
+import inspect
+import re
 from dataclasses import dataclass, field
+
+
+def field_help(docstring: str) -> dict[str, str]:
+    """
+    The `Parameters:` entries of a config docstring written as TRL's are (`name (`type`, ...):` then indented text),
+    each joined into one line: the `help` strings of the fields, so that each field is documented once.
+    """
+    helps, name = {}, None
+    for line in inspect.cleandoc(docstring).splitlines():
+        if entry := re.match(r"    (\w+) \(`", line):
+            name = entry.group(1)
+            helps[name] = ""
+        elif name and line.startswith("        "):
+            helps[name] = f"{helps[name]} {line.strip()}".strip()
+        else:
+            name = None
+    return helps
 
 
 @dataclass(kw_only=True)
 class ReferenceStageFields:
-    """
-    The reference-stage fields, shared by [`ReferenceConfig`] (standalone use) and [`PointwiseConfig`] (the trainers).
-    Keyword-only, so that mixing them into a `TrainingArguments` subclass leaves its positional `output_dir` first. The
-    seed is not among them: the trainers use `TrainingArguments.seed`, [`ReferenceConfig`] has its own. See
-    [`ReferenceConfig`] for their documentation.
-    """
-
-    num_generations: int = field(
-        default=8,
-        metadata={
-            "help": "Number of completions sampled from the reference model per prompt: the reference completions "
-            "whose rewards make `ref_rewards` (QRPO), or the training completions of a prompt-only dataset."
-        },
-    )
-    max_completion_length: int = field(
-        default=512,
-        metadata={"help": "Maximum number of tokens of a sampled completion."},
-    )
-    temperature: float = field(
-        default=1.0,
-        metadata={"help": "Sampling temperature. QRPO's quantile assumes samples from the reference model: keep 1."},
-    )
-    top_p: float = field(
-        default=1.0,
-        metadata={"help": "Nucleus sampling: keep the smallest set of tokens with this cumulative probability."},
-    )
-    top_k: int = field(
-        default=0,
-        metadata={"help": "Keep only the k most likely tokens when sampling. 0 keeps all."},
-    )
-    generation_batch_size: int = field(
-        default=32,
-        metadata={"help": "Number of completions generated (or scored by a reward model) per batch on each process."},
-    )
-    use_vllm: bool = field(
-        default=False,
-        metadata={
-            "help": "Sample with vLLM instead of `model.generate()` (needs vLLM and a CUDA GPU). vLLM loads the "
-            "reference model from its path and samples a different (equally seeded) stream than `generate`."
-        },
-    )
-    vllm_gpu_memory_utilization: float = field(
-        default=0.3,
-        metadata={"help": "Fraction of the GPU memory vLLM may use, when `use_vllm=True`."},
-    )
-    reward_weights: list[float] | None = field(
-        default=None,
-        metadata={
-            "help": "Weights of the reward functions: the reward is their weighted sum. Must match the number of "
-            "reward functions. If `None`, every function has weight 1."
-        },
-    )
-    reward_model_trust_remote_code: bool = field(
-        default=False,
-        metadata={
-            "help": "Load reward models given by path with trust_remote_code=True: custom-code reward models such as "
-            "ArmoRM (their reward is read from the output's `score`)."
-        },
-    )
-    keep_ref_completions: bool = field(
-        default=False,
-        metadata={"help": "Keep the sampled reference completions as a `ref_completions` column."},
-    )
-    reference_cache_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Directory of the reference-stage cache. If `None`, `$HF_HOME/qrpo_trl` (by default "
-            "`~/.cache/huggingface/qrpo_trl`). With several machines, a directory they all see."
-        },
-    )
-    reference_chunk_size: int = field(
-        default=1024,
-        metadata={
-            "help": "Number of completions per cached chunk (whole prompts when sampling), each computed and written "
-            "by one process: an interrupted run computes only the missing chunks."
-        },
-    )
-
-    def _check_reference_fields(self) -> None:
-        for name in ("num_generations", "max_completion_length", "generation_batch_size", "reference_chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        if not self.temperature > 0:
-            raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
-        if self.top_k < 0:
-            raise ValueError(f"`top_k` must be >= 0, got {self.top_k}.")
-
-
-@dataclass
-class ReferenceConfig(ReferenceStageFields):
     r"""
-    Configuration of the reference stage ([`precompute_rewards`] and `python -m qrpo_trl.scripts.precompute`): sampling
-    completions from the reference model and scoring completions with reward functions. The trainers take the same
-    fields in their config ([`QRPOConfig`], [`RPOConfig`]), with `TrainingArguments.seed` as the seed. Field names
-    follow [`~trl.GRPOConfig`] where the meaning is the same.
+    The reference-stage fields, shared by [`ReferenceConfig`] (standalone use) and [`PointwiseConfig`] (the trainers,
+    where they are used when the trainer is given `reward_funcs` and the dataset lacks rewards, or QRPO's `ref_rewards`).
+    Keyword-only, so that mixing them into a `TrainingArguments` subclass leaves its positional `output_dir` first. The
+    seed is not among them: the trainers use `TrainingArguments.seed`, [`ReferenceConfig`] has its own. Field names
+    follow [`~trl.GRPOConfig`] where the meaning is the same. This docstring is their only documentation: the fields'
+    `help` strings (the command line's `--help`) are read from it.
 
     Parameters:
         > Parameters that control the sampling
@@ -114,16 +43,13 @@ class ReferenceConfig(ReferenceStageFields):
             Maximum number of tokens of a sampled completion. Completions cut at this length are counted in a warning.
         temperature (`float`, *optional*, defaults to `1.0`):
             Sampling temperature. QRPO's quantile is uniform only for samples of the reference model itself: keep `1.0`
-            (with `top_p=1.0` and `top_k=0`) for `ref_rewards`.
+            (with `top_p=1.0` and `top_k=0`) for `ref_rewards`, or, in the trainers, set
+            `apply_temperature_in_training=True` so that the reference model is the one at this temperature.
         top_p (`float`, *optional*, defaults to `1.0`):
             Nucleus sampling: sample among the smallest set of tokens whose cumulative probability exceeds `top_p`.
             `1.0` keeps every token.
         top_k (`int`, *optional*, defaults to `0`):
             Sample among the `top_k` most likely tokens only. `0` keeps every token.
-        seed (`int`, *optional*, defaults to `42`):
-            Seed of the sampling. Each completion has its own random stream, derived from the seed, the prompt's token
-            ids and the completion's index, so a completion does not depend on the batch it is generated in, on the
-            dataset order or on the number of processes.
         generation_batch_size (`int`, *optional*, defaults to `32`):
             Number of completions generated per `generate` call on each process (prompts are sorted by length first,
             to cut padding), and of texts per reward-model forward pass.
@@ -163,13 +89,55 @@ class ReferenceConfig(ReferenceStageFields):
             by a chunk.
     """
 
-    seed: int = field(
-        default=42,
-        metadata={
-            "help": "Seed of the sampling. Each completion's random stream is derived from it, the prompt and the "
-            "completion's index, so results do not depend on batching or on the number of processes."
-        },
+    _help = field_help(__doc__)  # in the class body, `__doc__` is the docstring above
+
+    num_generations: int = field(default=8, metadata={"help": _help["num_generations"]})
+    max_completion_length: int = field(default=512, metadata={"help": _help["max_completion_length"]})
+    temperature: float = field(default=1.0, metadata={"help": _help["temperature"]})
+    top_p: float = field(default=1.0, metadata={"help": _help["top_p"]})
+    top_k: int = field(default=0, metadata={"help": _help["top_k"]})
+    generation_batch_size: int = field(default=32, metadata={"help": _help["generation_batch_size"]})
+    use_vllm: bool = field(default=False, metadata={"help": _help["use_vllm"]})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": _help["vllm_gpu_memory_utilization"]})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": _help["reward_weights"]})
+    reward_model_trust_remote_code: bool = field(
+        default=False, metadata={"help": _help["reward_model_trust_remote_code"]}
     )
+    keep_ref_completions: bool = field(default=False, metadata={"help": _help["keep_ref_completions"]})
+    reference_cache_dir: str | None = field(default=None, metadata={"help": _help["reference_cache_dir"]})
+    reference_chunk_size: int = field(default=1024, metadata={"help": _help["reference_chunk_size"]})
+    del _help
+
+    def _check_reference_fields(self) -> None:
+        for name in ("num_generations", "max_completion_length", "generation_batch_size", "reference_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if not self.temperature > 0:
+            raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ValueError(f"`top_k` must be >= 0, got {self.top_k}.")
+
+
+@dataclass
+class ReferenceConfig(ReferenceStageFields):
+    r"""
+    Configuration of the reference stage ([`precompute_rewards`] and `python -m qrpo_trl.scripts.precompute`): sampling
+    completions from the reference model and scoring completions with reward functions. The trainers take the same
+    fields in their config ([`QRPOConfig`], [`RPOConfig`]), with `TrainingArguments.seed` as the seed. Field names
+    follow [`~trl.GRPOConfig`] where the meaning is the same.
+
+    Parameters:
+        seed (`int`, *optional*, defaults to `42`):
+            Seed of the sampling. Each completion has its own random stream, derived from the seed, the prompt's token
+            ids and the completion's index, so a completion does not depend on the batch it is generated in, on the
+            dataset order or on the number of processes.
+
+        The reference-stage fields: see [`ReferenceStageFields`].
+    """
+
+    seed: int = field(default=42, metadata={"help": field_help(__doc__)["seed"]})
 
     def __post_init__(self):
         self._check_reference_fields()

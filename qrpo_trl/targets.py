@@ -177,14 +177,19 @@ def beta_log_partition(transform: str, beta, partition: str = "exact", n=None, s
             raise ValueError("partition='finite_n' needs the number of references n.")
         return _finite_n_beta_log_partition(transform, beta, n, scale)
     if partition == "approx":
-        if transform != "identity":
-            raise ValueError(
-                f"partition='approx' is the official README's log Z = log(beta) + 1/beta, which only holds for "
-                f"transform='identity', not {transform!r}."
-            )
+        check_partition(transform, partition)
         value = beta * np.log(beta) + 1.0
         return float(value) if np.ndim(value) == 0 else value
     raise ValueError(f"Unknown partition {partition!r}; expected one of {PARTITIONS}.")
+
+
+def check_partition(transform: str, partition: str) -> None:
+    """Raise a ValueError if `partition` cannot be used with `transform`."""
+    if partition == "approx" and transform != "identity":
+        raise ValueError(
+            f"`partition='approx'` is the official README's log Z = log(beta) + 1/beta, which only holds for "
+            f"`transform='identity'`, not {transform!r}."
+        )
 
 
 def reference_stds(ref_rewards: np.ndarray) -> np.ndarray:

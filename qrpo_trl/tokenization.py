@@ -21,6 +21,13 @@ from trl.data_utils import _tokenize, apply_chat_template, common_prefix_length
 logger = get_logger(__name__)
 
 
+def with_pad_token(processing_class: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tokenizer, its EOS token made its pad token if it has none (batches need one; nothing attends to it)."""
+    if processing_class.pad_token_id is None:
+        processing_class.pad_token = processing_class.eos_token
+    return processing_class
+
+
 def template_kwargs(columns: Mapping[str, list]) -> list[dict]:
     """
     Chat-template arguments of each row of a batch of columns (with `prompt`): its `tools` (a list, or a JSON string)

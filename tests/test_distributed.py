@@ -4,7 +4,7 @@ same global batch, and the `qrpo-trl` command relaunching itself under `accelera
 failing cleanly.
 
 Launches are what costs here (each process imports torch, transformers and TRL), so each launch trains several jobs
-(`scripts/train_tiny.py`), the one-process baseline is shared, and the resume test resumes the ZeRO-3 launch's run.
+(`workers/train_tiny.py`), the one-process baseline is shared, and the resume test resumes the ZeRO-3 launch's run.
 """
 
 import json
@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).parent.parent
-DRIVER = Path(__file__).parent / "scripts" / "train_tiny.py"
+DRIVER = Path(__file__).parent / "workers" / "train_tiny.py"
 LORA = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj"]
 # RPO with the per-token mean (its paper's code) keys another cache than QRPO, so that each job scores its data
 # QRPO packed (`padding_free`): a `max_length` no row reaches keys another cache, so that it scores its data itself

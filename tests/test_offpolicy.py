@@ -7,7 +7,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 
 from qrpo_trl import QRPOConfig, QRPOTrainer
 from qrpo_trl.cli import main
-from qrpo_trl.offpolicy import offpolicy_pairs
+from qrpo_trl.offpolicy_pairs import offpolicy_pairs
 
 
 def with_references(num_refs=20, seed=0):

@@ -13,8 +13,8 @@ from transformers import AttentionInterface, LlamaForCausalLM, MistralConfig, Mi
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from qrpo_trl import DataCollatorForPointwise, QRPOConfig, QRPOTrainer, RPOConfig, RPOTrainer
-from qrpo_trl.packed_attention import PER_SAMPLE_IMPLEMENTATIONS, per_sample_attention
-from qrpo_trl.pointwise_trainer import MODEL_INPUT_KEYS
+from qrpo_trl.kernels.packed_attention import PER_SAMPLE_IMPLEMENTATIONS, per_sample_attention
+from qrpo_trl.pointwise_collator import model_inputs
 
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -92,7 +92,7 @@ def test_per_sample_attention_equals_dense_mask_and_builds_no_mask(tokenizer, mo
     packed = DataCollatorForPointwise(pad_token_id=0, padding_free=True)(
         [{"prompt_ids": s[:1], "completion_ids": s[1:]} for s in samples]
     )
-    model_inputs = {key: packed[key] for key in MODEL_INPUT_KEYS if key in packed}
+    forward_inputs = model_inputs(packed)
     with torch.no_grad():
         # transformers' dense mask from `position_ids` (it detects the packing only without a cache)
         dense = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
@@ -103,7 +103,7 @@ def test_per_sample_attention_equals_dense_mask_and_builds_no_mask(tokenizer, mo
             _spy(monkeypatch, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, name, mask_calls)
         with per_sample_attention(model):
             assert model.config._attn_implementation == PER_SAMPLE_IMPLEMENTATIONS[implementation]
-            per_sample = model(**model_inputs, use_cache=False).logits[0]
+            per_sample = model(**forward_inputs, use_cache=False).logits[0]
     assert model.config._attn_implementation == implementation
     assert len(attention_calls) == model.config.num_hidden_layers and all(m is None for m in attention_calls)
     assert not mask_calls  # no (row x row) mask built

@@ -14,10 +14,10 @@ from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from qrpo_trl import DataCollatorForPointwise, QRPOConfig, QRPOTrainer
-from qrpo_trl.pointwise_trainer import _InferenceLogProbs
+from qrpo_trl.kernels.fused_lm_head import _InferenceLogProbs
 
 
-BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "benchmark.py")
+BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "benchmark.py")
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def test_inference_log_probs_equal_trl_chunked_function(bias, temperature, softc
         torch.randint(0, 50, (37,), generator=generator), temperature, 8, softcap, logit_scale, ("log_probs",),
     )
     expected = ChunkedLogProbFunction.apply(*arguments)[0]
-    with torch.no_grad(), mock.patch("qrpo_trl.pointwise_trainer.TOKEN_CHUNK_SIZE", 64):  # 64 * 8 // 50: 10 rows a chunk
+    with torch.no_grad(), mock.patch("qrpo_trl.kernels.fused_lm_head.TOKEN_CHUNK_SIZE", 64):  # 64 * 8 // 50: 10 rows a chunk
         log_probs, *others = _InferenceLogProbs.apply(*arguments)
     assert others == [None] * 4
     torch.testing.assert_close(log_probs, expected, atol=1e-6, rtol=1e-6)

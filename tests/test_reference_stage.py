@@ -303,7 +303,7 @@ def test_interrupted_sampling_resumes(model, tokenizer, tmp_path):
     assert resumed.to_dict() == uninterrupted.to_dict()
 
 
-RUN_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "reference_stage_run.py")
+RUN_SCRIPT = os.path.join(os.path.dirname(__file__), "workers", "reference_stage_run.py")
 
 
 def test_killed_run_resumes_with_the_uninterrupted_result(tiny_llama_path, tmp_path):
@@ -551,7 +551,7 @@ def test_bad_stage_settings(tiny_llama_path, tmp_path):
 # Several processes
 
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "reference_stage_tiny.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), "workers", "reference_stage_tiny.py")
 
 
 @pytest.mark.slow

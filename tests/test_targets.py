@@ -232,7 +232,7 @@ def test_own_reward_index_prefers_the_equal_reference():
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="beta must be > 0"):
         beta_log_partition("identity", 0.0)
-    with pytest.raises(ValueError, match="only holds for transform='identity'"):
+    with pytest.raises(ValueError, match="only holds for `transform='identity'`"):
         beta_log_partition("log", 0.1, "approx")
     with pytest.raises(ValueError, match="needs the number of references"):
         beta_log_partition("identity", 0.1, "finite_n")

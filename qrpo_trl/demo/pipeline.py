@@ -16,6 +16,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import QRPOConfig, QRPOTrainer, ReferenceConfig, precompute_rewards
+from ..tokenization import with_pad_token
 from . import evaluation, plots
 from .config import DemoConfig
 from .models import default_cache_dir, smollm2_checkpoint, train_tiny_model
@@ -55,9 +56,7 @@ def mixed_precision(config: DemoConfig):
 
 def load_model(path: str):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = with_pad_token(AutoTokenizer.from_pretrained(path))
     return model, tokenizer
 
 

@@ -18,6 +18,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from trl.data_utils import apply_chat_template, is_conversational
 from trl.trainer.utils import get_callable_name, get_config_model_id, hash_module
 
+from ..tokenization import with_pad_token
+
 
 RewardFunc = str | PreTrainedModel | Callable[..., list]
 
@@ -53,8 +55,7 @@ class RewardFunctions:
                 model_id = get_config_model_id(func.config)
                 if reward_processing_class is None:
                     reward_processing_class = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-                if reward_processing_class.pad_token_id is None:
-                    reward_processing_class.pad_token = reward_processing_class.eos_token
+                with_pad_token(reward_processing_class)
                 # The reward is read at the last non-padding token, found through the model's pad token id
                 func.config.get_text_config().pad_token_id = reward_processing_class.pad_token_id
                 self.names.append(model_id.rstrip("/").split("/")[-1])

@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.utils import is_torch_cuda_available
 from trl.import_utils import is_vllm_available
-from trl.trainer.utils import get_config_model_id
+from trl.trainer.utils import get_config_model_id, pad
 
 from ..reference_config import ReferenceStageFields
 
@@ -135,15 +135,10 @@ def generate_completion_arrays(
 
 
 def _padded(sequences: list[list[int]], pad_token_id: int, padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input ids and attention mask of token sequences padded to the longest."""
-    width = max(map(len, sequences))
-    input_ids = np.full((len(sequences), width), pad_token_id, dtype=np.int64)
-    attention_mask = np.zeros((len(sequences), width), dtype=np.int64)
-    for row, ids in enumerate(sequences):
-        columns = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
-        input_ids[row, columns] = ids
-        attention_mask[row, columns] = 1
-    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+    """Input ids and attention mask of token sequences padded to the longest, by TRL's `pad`."""
+    input_ids = pad([torch.tensor(ids, dtype=torch.int64) for ids in sequences], pad_token_id, padding_side)
+    attention_mask = pad([torch.ones(len(ids), dtype=torch.int64) for ids in sequences], 0, padding_side)
+    return input_ids, attention_mask
 
 
 @functools.lru_cache(maxsize=1)

@@ -26,11 +26,11 @@ from trl.trainer.utils import create_model_from_path, get_config_model_id, hash_
 
 from ..data_utils import PAIRED_COLUMNS, PAIRED_REWARD_COLUMNS, check_stage_columns, paired_reward_columns
 from ..reference_config import ReferenceConfig, ReferenceStageFields
-from ..tokenization import template_kwargs, tokenize_pairs, tokenize_prompts
+from ..tokenization import template_kwargs, tokenize_pairs, tokenize_prompts, with_pad_token
 from .columns import StageResults, open_columns, write_columns
+from .storage import ChunkStore, check_shared, schema_metadata
 from .rewards import RewardFunc, RewardFunctions
 from .sampling import completion_seeds, eos_token_ids, generate_completion_arrays, generate_completions_vllm
-from .storage import ChunkStore, check_shared
 
 
 logger = get_logger(__name__)
@@ -109,8 +109,7 @@ def precompute_rewards(
         model = create_model_from_path(model).to(PartialState().device)
     if processing_class is None:
         processing_class = AutoTokenizer.from_pretrained(get_config_model_id(model.config))
-    if processing_class.pad_token is None:
-        processing_class.pad_token = processing_class.eos_token
+    with_pad_token(processing_class)
     return ReferenceStage(model, processing_class, reward_functions, args).run(dataset, add_ref_rewards, dataset_name)
 
 
@@ -353,7 +352,7 @@ class ReferenceStage:
                     raise
                 failure = error  # the others finish their chunks (kept in the cache), then every process raises
                 break
-            written.append({key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()})
+            written.append(schema_metadata(table.schema))
         bar.close()
         return store, metadata + store.finish(failure, written)
 

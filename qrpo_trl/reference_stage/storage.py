@@ -135,7 +135,7 @@ class ChunkStore:
             return f"{num_rows} rows instead of {chunk[1] - chunk[0]}", {}
         if missing := [column for column in self.columns if column not in reader.schema.names]:
             return f"no column {missing}", {}
-        return None, {key.decode(): value.decode() for key, value in (reader.schema.metadata or {}).items()}
+        return None, schema_metadata(reader.schema)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Writing
@@ -239,6 +239,11 @@ class ChunkStore:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return pa.concat_arrays(pieces).take(pa.array(inverse))
+
+
+def schema_metadata(schema: pa.Schema) -> dict[str, str]:
+    """An Arrow schema's metadata, decoded (Arrow stores it as bytes)."""
+    return {key.decode(): value.decode() for key, value in (schema.metadata or {}).items()}
 
 
 def _remove(path: str) -> None:

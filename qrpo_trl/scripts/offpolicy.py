@@ -1,7 +1,7 @@
 """
 The QRPO paper's off-policy training sets as a script: pairs of reference completions, from a dataset that kept them
 (`qrpo-trl precompute` with `keep_ref_completions: true`). Every split is processed and saved with
-`DatasetDict.save_to_disk(output_dir)`; see `qrpo_trl.offpolicy` for the modes.
+`DatasetDict.save_to_disk(output_dir)`; see `qrpo_trl.offpolicy_pairs` for the modes.
 
 ```bash
 qrpo-trl offpolicy --dataset_name scored-with-references --mode offpolicy10random --output_dir offpolicy10random
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from trl import ScriptArguments
 
-from qrpo_trl.offpolicy import OFFPOLICY_MODES
+from qrpo_trl.offpolicy_pairs import OFFPOLICY_MODES
 
 
 @dataclass
@@ -42,7 +42,7 @@ class OffPolicyScriptArguments(ScriptArguments):
 def main(script_args, dataset_args):
     from datasets import DatasetDict
 
-    from qrpo_trl.offpolicy import offpolicy_pairs
+    from qrpo_trl.offpolicy_pairs import offpolicy_pairs
     from qrpo_trl.scripts.utils import load_datasets
 
     if script_args.mode is None or script_args.output_dir is None:

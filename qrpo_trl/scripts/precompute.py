@@ -64,6 +64,7 @@ def main(script_args, reference_args, model_args, dataset_args):
 
     from qrpo_trl.reference_stage import ReferenceStage, RewardFunctions
     from qrpo_trl.scripts.utils import load_datasets
+    from qrpo_trl.tokenization import with_pad_token
 
     if not script_args.reward_funcs:
         raise ValueError("Give at least one reward function or reward model in `reward_funcs`.")
@@ -80,9 +81,9 @@ def main(script_args, reference_args, model_args, dataset_args):
         dtype=model_args.dtype,
         attn_implementation=model_args.attn_implementation,
     ).to(state.device)
-    processing_class = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
-    if processing_class.pad_token is None:
-        processing_class.pad_token = processing_class.eos_token
+    processing_class = with_pad_token(
+        AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    )
     reward_functions = RewardFunctions(
         script_args.resolved_reward_funcs(),
         reward_weights=reference_args.reward_weights,

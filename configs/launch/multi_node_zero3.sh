@@ -4,13 +4,13 @@
 # paper's 128 pairs). Run it on every machine, each with its MACHINE_RANK (0 on the machine at MAIN_PROCESS_IP, an
 # address the others reach):
 #
-#   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 scripts/multi_node_zero3.sh   # on 10.0.0.1
-#   NUM_MACHINES=2 MACHINE_RANK=1 MAIN_PROCESS_IP=10.0.0.1 scripts/multi_node_zero3.sh   # on the other machine
+#   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 configs/launch/multi_node_zero3.sh   # on 10.0.0.1
+#   NUM_MACHINES=2 MACHINE_RANK=1 MAIN_PROCESS_IP=10.0.0.1 configs/launch/multi_node_zero3.sh   # on the other machine
 #
 # Under SLURM, one task per node:
 #
 #   export NUM_MACHINES=$SLURM_NNODES MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-#   srun --ntasks-per-node=1 bash -c 'MACHINE_RANK=$SLURM_NODEID scripts/multi_node_zero3.sh'
+#   srun --ntasks-per-node=1 bash -c 'MACHINE_RANK=$SLURM_NODEID configs/launch/multi_node_zero3.sh'
 #
 # Every machine needs the dataset and the Hugging Face cache at the same paths (or a shared file system); the map
 # stage tokenises once per machine and scores the reference log-probs once over all processes. Extra arguments

@@ -14,7 +14,7 @@ It prints the median throughput of each (generated tokens per second, EOS includ
 their ratios to bare (each round runs the three back to back, so a ratio compares runs under the same machine load),
 and writes them as JSON.
 
-    python scripts/benchmark_generation.py [--json results.json]
+    python benchmarks/benchmark_generation.py [--json results.json]
 """
 
 import argparse
@@ -35,7 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from qrpo_trl import ReferenceConfig, precompute_rewards  # noqa: E402
 from qrpo_trl.reference_stage import completion_seed, generate_completions  # noqa: E402
 
-from benchmark import build_tokenizer  # noqa: E402  (the word-level tokenizer of scripts/benchmark.py, next to this script)
+from benchmark import build_tokenizer  # noqa: E402  (the word-level tokenizer of benchmarks/benchmark.py, next to this script)
 
 
 def build_model(tokenizer, hidden_size: int, num_layers: int) -> LlamaForCausalLM:

@@ -16,7 +16,7 @@ tokenisation, seeding, decoding, cache files, cache keys, joining the columns. E
 It prints both per sampled completion at each size, the slope between the two sizes (what a further completion costs,
 free of fixed costs such as imports and model hashing) and the extrapolation to 3.05M completions.
 
-    python scripts/benchmark_reference_stage.py [--sizes 200 1000] [--keep_ref_completions] [--prompt_only]
+    python benchmarks/benchmark_reference_stage.py [--sizes 200 1000] [--keep_ref_completions] [--prompt_only]
         [--json results.json]
 """
 
@@ -49,7 +49,7 @@ def run_size(cli) -> dict:
     from qrpo_trl import ReferenceConfig, precompute_rewards
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchmark import build_tokenizer  # the word-level tokenizer of scripts/benchmark.py: one token per word
+    from benchmark import build_tokenizer  # the word-level tokenizer of benchmarks/benchmark.py: one token per word
 
     torch.set_num_threads(1)
     tokenizer = build_tokenizer(cli.vocab_size)

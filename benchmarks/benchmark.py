@@ -28,9 +28,9 @@ With `--device cuda` the table also gives tokens/s and MFU: FLOPs are 6 * N * to
 with DPO's reference forward) and 2 * N * tokens for the reference pass, where N counts the weights used in matmuls
 (all but the input embedding table) and tokens the non-padding ones, against `--peak_tflops`.
 
-    python scripts/benchmark.py                  # CPU defaults: a few minutes on 2 cores
-    python scripts/benchmark.py --quick          # a smoke run
-    python scripts/benchmark.py --device cuda --hidden_size 2048 --num_layers 16 --vocab_size 32000 \
+    python benchmarks/benchmark.py                  # CPU defaults: a few minutes on 2 cores
+    python benchmarks/benchmark.py --quick          # a smoke run
+    python benchmarks/benchmark.py --device cuda --hidden_size 2048 --num_layers 16 --vocab_size 32000 \
         --max_length 1024 --prompt_length 128 --completion_length 256 --num_completions 1024 --batch_size 32
 """
 
@@ -68,7 +68,7 @@ from transformers.utils import logging as transformers_logging  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from qrpo_trl import QRPOConfig, QRPOTrainer  # noqa: E402
-from qrpo_trl.pointwise_trainer import MODEL_INPUT_KEYS  # noqa: E402
+from qrpo_trl.pointwise_collator import MODEL_INPUT_KEYS  # noqa: E402
 
 
 @dataclass

@@ -4,12 +4,12 @@
 # every machine, each with its MACHINE_RANK (0 on the machine at MAIN_PROCESS_IP, an address the others reach), and
 # CACHE_DIR on storage every machine mounts at the same path:
 #
-#   NUM_MACHINES=8 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 CACHE_DIR=/shared/qrpo_trl scripts/multi_node_precompute.sh
+#   NUM_MACHINES=8 MACHINE_RANK=0 MAIN_PROCESS_IP=10.0.0.1 CACHE_DIR=/shared/qrpo_trl configs/launch/multi_node_precompute.sh
 #
 # Under SLURM, one task per node:
 #
 #   export NUM_MACHINES=$SLURM_NNODES MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-#   srun --ntasks-per-node=1 bash -c 'MACHINE_RANK=$SLURM_NODEID scripts/multi_node_precompute.sh'
+#   srun --ntasks-per-node=1 bash -c 'MACHINE_RANK=$SLURM_NODEID configs/launch/multi_node_precompute.sh'
 #
 # Every process samples and scores its own chunks and writes them to CACHE_DIR; run it again after a crash (of any
 # process, on any number of machines) and only the missing chunks are computed. Extra arguments override recipe fields.
