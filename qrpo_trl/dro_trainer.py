@@ -4,6 +4,7 @@ from functools import cached_property
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedDataParallelKwargs
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -140,6 +141,22 @@ class DROTrainer(PointwiseTrainer):
         # The value function: the head on the policy's states, or the given `value_model` (the same module once the
         # policy is wrapped)
         self.value_model = value_model
+
+    def _build_accelerator_args(self, **kwargs):
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        # The value function runs on the policy's states but is no part of the outputs of its forward, from which DDP's
+        # search for unused parameters starts: DDP would mark its parameters unused, then ready a second time when the
+        # backward reaches them. Every trainable parameter of DRO (the policy's and the value's) gets a gradient at
+        # every step, so there is nothing to search for.
+        if self.args.ddp_find_unused_parameters:
+            raise ValueError(
+                "DROTrainer needs `ddp_find_unused_parameters=False` (None sets it): its value function is trained "
+                "outside the outputs of the policy's forward, which DDP's search for unused parameters cannot follow."
+            )
+        for handler in accelerator_args["kwargs_handlers"]:
+            if isinstance(handler, DistributedDataParallelKwargs):
+                handler.find_unused_parameters = False
+        return accelerator_args
 
     def _check_streamable(self, args, dataset_name):
         if args.normalize_rewards:

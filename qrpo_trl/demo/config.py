@@ -79,8 +79,9 @@ class DemoConfig:
     rpo_betas: list[float] = field(
         default_factory=lambda: [0.03, 0.05, 0.1, 0.3], metadata={"help": "Frontier: betas (tau) of RPO."}
     )
+    # DRO moves less far than RPO at the same beta (quick variant: KL 1.05 at 0.03, 0.06 at 0.3), hence a lower grid
     dro_betas: list[float] = field(
-        default_factory=lambda: [0.03, 0.05, 0.1, 0.3], metadata={"help": "Frontier: betas (tau) of DRO."}
+        default_factory=lambda: [0.01, 0.03, 0.1, 0.3], metadata={"help": "Frontier: betas (tau) of DRO."}
     )
     dpo_betas: list[float] = field(
         default_factory=lambda: [0.3, 1.0, 3.0, 10.0, 30.0],
