@@ -255,6 +255,21 @@ def test_user_value_model(tiny_llama_path, tokenizer, dataset, tmp_path):
     assert load_file(tmp_path / "checkpoint-3" / VALUE_WEIGHTS_NAME).keys() == value_model.state_dict().keys()
 
 
+def test_streamed_dataset_trains_as_the_map_style_one(tiny_llama_path, dataset, tmp_path):
+    """DRO's target needs no statistics of a prompt's completions: it streams, with the same losses."""
+    logs = []
+    for kind, train_dataset in (("map", dataset), ("stream", dataset.to_iterable_dataset())):
+        args = make_args(
+            DROConfig, tmp_path / kind, precompute_ref_log_probs=False, train_sampling_strategy="sequential"
+        )
+        trainer = DROTrainer(model=tiny_llama_path, args=args, train_dataset=train_dataset)
+        trainer.train()
+        assert_dro_metrics_logged(trainer)
+        logs.append({key: logged(trainer, key) for key in ("loss", *METRICS)})
+    for key in logs[0]:
+        np.testing.assert_allclose(logs[1][key], logs[0][key], rtol=1e-5, err_msg=key)
+
+
 def test_bad_settings(tiny_llama_path, tokenizer, dataset, tmp_path):
     with pytest.raises(ValueError, match="regression_loss='mse'"):
         make_args(DROConfig, tmp_path, regression_loss="mae")
