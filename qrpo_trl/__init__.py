@@ -1,5 +1,7 @@
-"""QRPO and RPO trainers for Hugging Face TRL: pointwise alignment by regression onto a closed-form target."""
+"""QRPO, RPO and DRO trainers for Hugging Face TRL: pointwise alignment by regression onto a closed-form target."""
 
+from .dro_config import DROConfig
+from .dro_trainer import DROTrainer
 from .pointwise_collator import DataCollatorForPointwise
 from .pointwise_config import PointwiseConfig
 from .pointwise_trainer import PointwiseTrainer
@@ -15,6 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DataCollatorForPointwise",
+    "DROConfig",
+    "DROTrainer",
     "PointwiseConfig",
     "PointwiseTrainer",
     "QRPOConfig",

@@ -30,6 +30,7 @@ from .scripts.utils import check_local_datasets
 COMMANDS = {
     "qrpo": "Train with QRPO (Quantile Reward Policy Optimization)",
     "rpo": "Train with RPO (Reward Partitioning Optimization)",
+    "dro": "Train with DRO (Direct Reward Optimization, a learned value)",
     "precompute": "Sample reference completions and score them with reward functions (the reference stage)",
     "offpolicy": "Build the QRPO paper's off-policy pairs from a dataset's reference completions",
 }
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="qrpo-trl",
-        description="QRPO and RPO alignment with TRL. `qrpo-trl COMMAND --help` lists the fields of a command.",
+        description="QRPO, RPO and DRO alignment with TRL. `qrpo-trl COMMAND --help` lists the fields of a command.",
         allow_abbrev=False,
     )
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")

@@ -12,6 +12,7 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from conftest import pointwise_rows
 from datasets import Dataset, DatasetDict
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from trl import DatasetMixtureConfig, ScriptArguments
 
@@ -93,6 +94,13 @@ def test_command_trains_and_saves_a_model(recipe, tmp_path, tiny_llama_path, cap
     for (name, param), initial_param in zip(trained.named_parameters(), initial.parameters(), strict=True):
         assert not torch.equal(param, initial_param), f"{name} did not change"
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
+
+
+def test_dro_command_saves_the_policy_and_its_value_head(recipe, tmp_path):
+    assert main(["dro", "--config", recipe(max_steps=2, learning_rate=0.1, value_head="linear")]) == 0
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert not any(key.startswith("dro_value") for key in load_file(tmp_path / "out" / "model.safetensors"))
+    assert load_file(tmp_path / "out" / "value_model.safetensors").keys() == {"layers.weight", "layers.bias"}
 
 
 def test_command_completes_the_dataset_with_reward_funcs(recipe, tmp_path, monkeypatch, capsys):

@@ -96,6 +96,16 @@ def test_compare_mode_trains_every_method_and_repeats_its_table(tmp_path):
         }, name
 
 
+def test_dro_is_a_method_of_the_frontier(tmp_path):
+    output_dir, details = run_tiny(tmp_path, "--frontier", "--methods", "dro", "--dro_betas", "0.1", "1")
+    (points,) = details["methods"].values()
+    assert list(details["methods"]) == ["DRO"] and [point["beta"] for point in points] == [0.1, 1.0]
+    for point in points:
+        check_policy_figures(point, 4, 2)
+    log = details["training_logs"]["DRO, beta 0.1"]
+    assert all(key in entry for entry in log if "loss" in entry for key in ("value", "value_loss", "residual"))
+
+
 def test_frontier_sweeps_betas_and_repeats_its_points(tmp_path):
     flags = [
         "--frontier", "--methods", "qrpo_log", "dpo", "qrpo_log_best_worst", "--qrpo_log_betas", "0.1", "1",

@@ -27,6 +27,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from qrpo_trl import (
     DataCollatorForPointwise,
+    DROConfig,
     QRPOConfig,
     QRPOTrainer,
     ReferenceConfig,
@@ -192,7 +193,9 @@ def test_bad_input(tiny_t5_path, tmp_path, caplog):
 
 
 @pytest.mark.parametrize(
-    "recipe, config_class", [("rpo_flan_t5.yaml", RPOConfig), ("qrpo_flan_t5.yaml", QRPOConfig)], ids=["rpo", "qrpo"]
+    "recipe, config_class",
+    [("rpo_flan_t5.yaml", RPOConfig), ("qrpo_flan_t5.yaml", QRPOConfig), ("dro_flan_t5.yaml", DROConfig)],
+    ids=["rpo", "qrpo", "dro"],
 )
 def test_recipes_parse(recipe, config_class):
     parser = TrlParser((config_class, ModelConfig, ScriptArguments))
@@ -201,8 +204,10 @@ def test_recipes_parse(recipe, config_class):
     assert model_args.model_name_or_path.startswith("google/flan-t5-")
     assert (args.learning_rate, args.lr_scheduler_type, args.warmup_steps) == (1e-4, "linear", 150)
     assert args.optim == "adamw_torch"
-    if config_class is RPOConfig:
+    if config_class in (RPOConfig, DROConfig):
         assert args.beta == 1.0 and args.normalize_rewards
+    if config_class is DROConfig:
+        assert (args.value_head, args.value_head_hidden_size, args.value_learning_rate) == ("mlp", 512, 1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

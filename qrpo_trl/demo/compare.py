@@ -1,12 +1,14 @@
 """
 Comparison mode: the same scored completions of the reference model, the same LoRA, optimiser, steps, completions
-per step and KL coefficient `beta`, for QRPO (identity and log transforms), RPO, TRL's DPOTrainer and TRL's
+per step and KL coefficient `beta`, for QRPO (identity and log transforms), RPO, DRO, TRL's DPOTrainer and TRL's
 KTOTrainer; evaluated like the demo.
 
 - QRPO: every completion, its quantile among the other completions of its prompt. `qrpo_log_best_worst`: only each
   prompt's best and worst completion (DPO's rows), their quantiles still among all the others.
 - RPO: every completion and its reward; `V(x)` by the Monte Carlo estimate, as the completions are samples of the
   reference model.
+- DRO: every completion and its reward, as RPO; `V(x)` learned during training by the default value head (an MLP on the
+  policy's mean-pooled prompt states) at the same learning rate, as the RPO authors' DRO.
 - DPO: one pair per prompt, its best completion (chosen) against its worst (rejected); half as many pairs per step, so
   that a step processes as many completions.
 - KTO: every completion whose reward is above its prompt's median (desirable) or below it (undesirable); those at the
@@ -22,7 +24,7 @@ import numpy as np
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-from .. import RPOConfig, RPOTrainer, data_utils
+from .. import DROConfig, DROTrainer, RPOConfig, RPOTrainer, data_utils
 from . import evaluation, plots
 from .config import METHODS, DemoConfig
 from .pipeline import (
@@ -85,6 +87,7 @@ class MethodTrainer:
             "qrpo_log": setup.train_data,
             "qrpo_log_best_worst": setup.train_data.select(extremes),
             "rpo": setup.train_data.remove_columns("ref_rewards"),
+            "dro": setup.train_data.remove_columns("ref_rewards"),
             "dpo": best_vs_worst_pairs(setup.train_data),
             "kto": above_below_median(setup.train_data),
         }
@@ -102,6 +105,9 @@ class MethodTrainer:
         if method == "rpo":
             args = RPOConfig(**arguments, value_estimator="monte_carlo")
             trainer_class = RPOTrainer
+        elif method == "dro":
+            args = DROConfig(**arguments)
+            trainer_class = DROTrainer
         elif method == "dpo":
             # Half as many pairs per step, so that a step processes as many completions
             args = DPOConfig(

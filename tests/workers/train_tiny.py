@@ -15,13 +15,15 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from qrpo_trl import PointwiseTrainer, QRPOTrainer, RPOTrainer  # noqa: E402
+from qrpo_trl import DROTrainer, PointwiseTrainer, QRPOTrainer, RPOTrainer  # noqa: E402
 from qrpo_trl.cli import command_parser  # noqa: E402
 from qrpo_trl.scripts.utils import build_trainer  # noqa: E402
 
 
-TRAINERS = {"qrpo": QRPOTrainer, "rpo": RPOTrainer}
-LOGGED = ("loss", "target", "log_ratio", "logps/policy", "logps/ref", "quantile", "value", "num_tokens")
+TRAINERS = {"qrpo": QRPOTrainer, "rpo": RPOTrainer, "dro": DROTrainer}
+LOGGED = (
+    "loss", "target", "log_ratio", "logps/policy", "logps/ref", "quantile", "value", "value_loss", "residual", "num_tokens",
+)
 
 
 def count_scored_rows(rows: list[int]) -> None:
