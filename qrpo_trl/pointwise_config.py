@@ -79,9 +79,14 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
         generation_batch_size (`int`, *optional*, defaults to `32`):
             Number of completions generated (or texts scored by a reward model) per batch on each process.
         use_vllm (`bool`, *optional*, defaults to `False`):
-            Whether to sample with vLLM instead of `model.generate()` (needs vLLM and a CUDA GPU).
+            Whether to sample with vLLM instead of `model.generate()`, on a GPU or on the CPU with vLLM's CPU build
+            (see docs/vllm.md). The engine is shut down before training.
         vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
-            Fraction of the GPU memory that vLLM may use.
+            Fraction of the GPU memory that vLLM may use (on CPU: of the machine's memory).
+        vllm_tensor_parallel_size (`int`, *optional*, defaults to `1`):
+            Number of processes per vLLM engine; must divide the number of processes.
+        vllm_enforce_eager (`bool`, *optional*, defaults to `False`):
+            Whether vLLM runs the model eagerly: faster start-up, slower sampling.
         reward_weights (`list[float]`, *optional*):
             Weights of the reward functions: the reward is their weighted sum. If `None`, every weight is `1.0`.
         reward_model_trust_remote_code (`bool`, *optional*, defaults to `False`):

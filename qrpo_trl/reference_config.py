@@ -42,13 +42,32 @@ class ReferenceStageFields:
     use_vllm: bool = field(
         default=False,
         metadata={
-            "help": "Sample with vLLM instead of `model.generate()` (needs vLLM and a CUDA GPU). vLLM loads the "
-            "reference model from its path and samples a different (equally seeded) stream than `generate`."
+            "help": "Sample with vLLM instead of `model.generate()`, on any device vLLM runs on (see docs/vllm.md). "
+            "vLLM loads the reference model from its path and samples a different (equally seeded) stream than "
+            "`generate`. Its engine is shut down when sampling ends."
         },
     )
     vllm_gpu_memory_utilization: float = field(
         default=0.3,
-        metadata={"help": "Fraction of the GPU memory vLLM may use, when `use_vllm=True`."},
+        metadata={
+            "help": "Fraction of the GPU memory vLLM may use, when `use_vllm=True`. With vLLM's CPU build, the "
+            "fraction of the machine's memory it reserves (weights and KV cache)."
+        },
+    )
+    vllm_tensor_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "Number of processes per vLLM engine: each group of that many consecutive processes shares one "
+            "engine (the model split over their devices) and samples its share of the prompts. Must divide the "
+            "number of processes."
+        },
+    )
+    vllm_enforce_eager: bool = field(
+        default=False,
+        metadata={
+            "help": "Run vLLM's model eagerly: no torch.compile nor CUDA graphs, a faster engine start-up for slower "
+            "sampling."
+        },
     )
     reward_weights: list[float] | None = field(
         default=None,
@@ -93,6 +112,12 @@ class ReferenceStageFields:
             raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
         if self.top_k < 0:
             raise ValueError(f"`top_k` must be >= 0, got {self.top_k}.")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"`vllm_gpu_memory_utilization` must be in (0, 1], got {self.vllm_gpu_memory_utilization}."
+            )
+        if self.vllm_tensor_parallel_size < 1:
+            raise ValueError(f"`vllm_tensor_parallel_size` must be >= 1, got {self.vllm_tensor_parallel_size}.")
 
 
 @dataclass
@@ -128,11 +153,24 @@ class ReferenceConfig(ReferenceStageFields):
             Number of completions generated per `generate` call on each process (prompts are sorted by length first,
             to cut padding), and of texts per reward-model forward pass.
         use_vllm (`bool`, *optional*, defaults to `False`):
-            Whether to sample with vLLM instead of `model.generate()`. Needs vLLM and a CUDA GPU. vLLM loads the
-            reference model from its path (`model.name_or_path`), so it cannot sample from a PEFT model; its samples
-            are seeded per completion too, but differ from those of `generate`.
+            Whether to sample with vLLM instead of `model.generate()`, on whatever device vLLM detects (a GPU, or the
+            CPU with vLLM's CPU build; see docs/vllm.md). vLLM loads the reference model from its path
+            (`model.name_or_path`), in the model's dtype, so it cannot sample from a PEFT model; its samples are
+            seeded per completion too, but differ from those of `generate`. Each process runs its engine (or a group
+            of `vllm_tensor_parallel_size` processes shares one), started for the sampling pass and shut down when it
+            ends, before scoring and training. A script using it needs `if __name__ == "__main__":` (vLLM may spawn
+            processes).
         vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
-            Fraction of the GPU memory that vLLM may use, when `use_vllm=True`.
+            Fraction of the GPU memory that vLLM may use (weights, activations and KV cache), when `use_vllm=True`.
+            With vLLM's CPU build, the fraction of the machine's memory it reserves: vLLM refuses to start if that
+            much is not free.
+        vllm_tensor_parallel_size (`int`, *optional*, defaults to `1`):
+            Number of processes per vLLM engine (GRPO's name): each group of that many consecutive processes runs one
+            engine with the model split over their devices, and samples its share of the prompts. Must divide the
+            number of processes. For reference models too large for one device.
+        vllm_enforce_eager (`bool`, *optional*, defaults to `False`):
+            Whether vLLM runs the model eagerly (vLLM's `enforce_eager`): no torch.compile nor CUDA graphs, a faster
+            engine start-up for slower sampling. Worth it when there is little to sample.
 
         > Parameters that control the scoring
 
