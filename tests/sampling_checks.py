@@ -12,6 +12,9 @@ import torch
 from scipy import stats
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from qrpo_trl import ReferenceConfig
+from qrpo_trl.reference_stage.sampling import completion_seeds, eos_token_ids
+
 
 def build_peaked_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
     """
@@ -38,6 +41,13 @@ def build_peaked_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
         probs = model(input_ids=torch.randint(len(tokenizer), (8, 6))).logits.softmax(-1).mean(dim=(0, 1))
         model.lm_head.weight[tokenizer.eos_token_id] = 0.97 * model.lm_head.weight[probs.argmax()]
     return model
+
+
+def save_peaked_llama(path, tokenizer) -> str:
+    """[`build_peaked_llama`] saved with its tokenizer at `path` (vLLM loads models by path)."""
+    build_peaked_llama(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 def filtered_probabilities(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -116,3 +126,47 @@ def check_completion_ends(completions: list[list[int]], eos_ids: list[int], max_
             assert positions == [len(ids) - 1], ids
         else:
             assert len(ids) == max_completion_length, ids
+
+
+PROMPTS = ["what is the sky", "hello", "tell me about the sea"]
+SAMPLES_PER_PROMPT = 2000
+# (temperature, top_k, top_p) sampled, and those of the exact probabilities they are tested against
+SETTINGS = {
+    "T=1": ((1.0, 0, 1.0), (1.0, 0, 1.0)),
+    "T=0.7, top-k 5": ((0.7, 5, 1.0), (0.7, 5, 1.0)),
+    "top-p 0.8": ((1.0, 0, 0.8), (1.0, 0, 0.8)),
+    # The negative case: samples at T=1 tested against T=0.7 must be rejected, or the test could not fail
+    "wrong temperature": ((1.0, 5, 1.0), (0.7, 5, 1.0)),
+}
+
+
+def check_sampler_distribution(sample, model, tokenizer, name: str) -> None:
+    """
+    The chi-square test of `sample(prompt_ids, seeds, args)`'s completions of at most 2 tokens, with the settings
+    `SETTINGS[name]`: it passes (p > 1e-3) when the sampler is given the settings of the exact probabilities, and
+    rejects (p < 1e-6) when it is given another temperature.
+    """
+    settings, expected_settings = SETTINGS[name]
+    temperature, top_k, top_p = settings
+    args = ReferenceConfig(
+        max_completion_length=2, temperature=temperature, top_k=top_k, top_p=top_p, generation_batch_size=1000
+    )
+    eos_ids = eos_token_ids(model, tokenizer)
+    prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
+    unit_prompt_ids = [ids for ids in prompt_ids for _ in range(SAMPLES_PER_PROMPT)]
+    seeds = [seed for ids in prompt_ids for seed in completion_seeds(args.seed, ids, SAMPLES_PER_PROMPT)]
+    completions = sample(unit_prompt_ids, seeds, args)
+    check_completion_ends(completions, eos_ids, args.max_completion_length)
+    samples = {
+        prompt: [tuple(ids) for ids in completions[i * SAMPLES_PER_PROMPT : (i + 1) * SAMPLES_PER_PROMPT]]
+        for i, prompt in enumerate(PROMPTS)
+    }
+    expected = {
+        prompt: completion_probabilities(model, ids, eos_ids, *expected_settings)
+        for prompt, ids in zip(PROMPTS, prompt_ids, strict=True)
+    }
+    p_value = chi_square_p_value(samples, expected)
+    if settings == expected_settings:
+        assert p_value > 1e-3, p_value
+    else:
+        assert p_value < 1e-6, p_value

@@ -8,11 +8,11 @@ import gc
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib.util import find_spec
 from unittest import mock
 
 import torch
 from accelerate import PartialState
-from trl.import_utils import is_vllm_available
 from trl.trainer.utils import ensure_master_addr_port, get_config_model_id
 
 from ..reference_config import ReferenceStageFields
@@ -41,7 +41,7 @@ def check_vllm_sampling(model, args: ReferenceStageFields, num_processes: int) -
             f"`vllm_tensor_parallel_size={args.vllm_tensor_parallel_size}` must divide the number of processes "
             f"({num_processes}): each group of that many processes runs one vLLM engine."
         )
-    if not is_vllm_available():
+    if find_spec("vllm") is None:  # not TRL's check, which warns for vLLM releases its own vLLM code was not tested on
         raise ImportError(f"`use_vllm=True` needs vLLM, which is not installed ({_INSTALL}).")
     from vllm.platforms import current_platform
 
@@ -68,7 +68,7 @@ class VLLMSampler:
     @contextmanager
     def running(self) -> Iterator["VLLMSampler"]:
         state = PartialState()
-        saved_environment = {name: os.environ.get(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+        environment = dict(os.environ)  # vLLM sets dozens of variables (threads, preloads, ranks) for its engine
         # vLLM's CPU worker makes `torch.set_num_threads` a no-op for good; training needs it back
         set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
         had_process_group = torch.distributed.is_initialized()
@@ -81,14 +81,12 @@ class VLLMSampler:
             finally:
                 torch.set_num_threads = set_num_threads
                 torch.set_num_threads(num_threads)
-                for name, value in saved_environment.items():
-                    if value is None:
-                        os.environ.pop(name, None)
-                    else:
-                        os.environ[name] = value
+                os.environ.clear()
+                os.environ.update(environment)
 
     def _start(self, state: PartialState):
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         # Every process runs its engine; vLLM's "external launcher" groups them by `tensor_parallel_size` over the
         # process group that torchrun/accelerate set up (it creates one for a single process)
@@ -106,6 +104,9 @@ class VLLMSampler:
                 distributed_executor_backend="external_launcher",
                 # Prompts come as token ids and completions leave as token ids, with the stage's EOS tokens
                 skip_tokenizer_init=True,
+                # vLLM 0.32's CPU worker fails on a seeded request whose prompt is split over steps ("CPU Generator
+                # does not use offset"): on CPU, every prompt is processed in one step
+                **dict(enable_chunked_prefill=False) if current_platform.is_cpu() else {},
             )
         except Exception as error:
             raise RuntimeError(
