@@ -75,46 +75,57 @@ class PeakMemory:
         self._thread.join()
 
 
-def test_stage_samples_with_vllm_and_gives_the_memory_back(peaked_path, tmp_path):
+@pytest.fixture(scope="module")
+def first_run(peaked_path, tmp_path_factory):
     """
-    Same completions whatever the chunking and the order of the prompts; when the stage returns, the engine is gone:
-    its memory given back, no process group left, `torch.set_num_threads` working, the environment as it was.
+    The stage with vLLM on 5 prompts (5 chunks), the first engine of the process (after `import vllm`), with what the
+    process looks like before, during and after it.
     """
-    import vllm
+    import vllm  # noqa: F401  (its import's memory is not the engine's)
 
     model = AutoModelForCausalLM.from_pretrained(peaked_path)
-    dataset = Dataset.from_dict({"prompt": PROMPTS})
-    environment = dict(os.environ)
+    environment, threads = dict(os.environ), torch.get_num_threads()
     gc.collect()
     before = psutil.Process().memory_info().rss
     with PeakMemory() as during:
-        result = precompute_rewards(dataset, model, length_reward, vllm_args(tmp_path / "a"))
+        result = precompute_rewards(
+            Dataset.from_dict({"prompt": PROMPTS}), model, length_reward, vllm_args(tmp_path_factory.mktemp("first"))
+        )
     gc.collect()
     after = psutil.Process().memory_info().rss
-    print(f"RSS before the stage {before / 2**20:.0f} MiB, peak {during.peak / 2**20:.0f}, after {after / 2**20:.0f}")
-    assert not any(isinstance(obj, vllm.LLM) for obj in gc.get_objects())
-    assert after - before < (during.peak - before) / 3
-    assert not torch.distributed.is_initialized()
-    threads = torch.get_num_threads()
+    return dict(
+        result=result, model=model, before=before, peak=during.peak, after=after, environment=environment,
+        threads=threads, live_engines=sum(isinstance(obj, vllm.LLM) for obj in gc.get_objects()),
+        process_group=torch.distributed.is_initialized(),
+    )
+
+
+def test_the_engine_is_gone_when_the_stage_returns(first_run):
+    """Its memory given back, no engine object or process group left, `torch.set_num_threads` working again."""
+    before, peak, after = first_run["before"], first_run["peak"], first_run["after"]
+    print(f"RSS before the stage {before / 2**20:.0f} MiB, peak {peak / 2**20:.0f}, after {after / 2**20:.0f}")
+    assert after - before < (peak - before) / 3
+    assert first_run["live_engines"] == 0 and not first_run["process_group"]
+    assert torch.get_num_threads() == first_run["threads"]
     torch.set_num_threads(1)
     assert torch.get_num_threads() == 1
-    torch.set_num_threads(threads)
-    assert dict(os.environ) == environment
+    torch.set_num_threads(first_run["threads"])
+    assert dict(os.environ) == first_run["environment"]
 
+
+def test_same_completions_whatever_the_chunking_and_order(first_run, tmp_path):
+    result = first_run["result"]
     reference = dict(zip(result["prompt"], result["ref_completions"]))
     assert len({completion for completions in reference.values() for completion in completions}) > 5
-    assert all(ref_rewards == length_reward(completions) for ref_rewards, completions in zip(
-        result["ref_rewards"], result["ref_completions"]
-    ))
+    assert result["ref_rewards"] == [length_reward(completions) for completions in result["ref_completions"]]
     reordered = precompute_rewards(
-        dataset.select(range(4, -1, -1)), model, length_reward, vllm_args(tmp_path / "b", reference_chunk_size=100)
+        Dataset.from_dict({"prompt": PROMPTS[::-1]}), first_run["model"], length_reward,
+        vllm_args(tmp_path, reference_chunk_size=100),
     )
     assert dict(zip(reordered["prompt"], reordered["ref_completions"])) == reference
-    other_seed = precompute_rewards(dataset, model, length_reward, vllm_args(tmp_path / "c", seed=43))
-    assert dict(zip(other_seed["prompt"], other_seed["ref_completions"])) != reference
 
 
-def test_killed_run_resumes_with_the_uninterrupted_result(peaked_path, tmp_path):
+def test_killed_run_resumes_with_the_uninterrupted_result(first_run, peaked_path, tmp_path):
     """A vLLM run killed with SIGKILL after some chunks, run again, samples only the others: the same result."""
     cache = tmp_path / "cache"
 
@@ -141,22 +152,17 @@ def test_killed_run_resumes_with_the_uninterrupted_result(peaked_path, tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     assert resumed["generate_calls"] == 5 - done
-    args = ReferenceConfig(
-        num_generations=3, max_completion_length=6, generation_batch_size=4, reference_chunk_size=3,
-        keep_ref_completions=True, reference_cache_dir=str(tmp_path / "fresh"), **ENGINE,
-    )
-    uninterrupted = precompute_rewards(Dataset.from_dict({"prompt": PROMPTS}), peaked_path, length_reward, args)
-    assert resumed["result"] == uninterrupted.to_dict()
+    assert resumed["result"] == first_run["result"].to_dict()  # the script's settings are `vllm_args`'s
 
 
 @torch.no_grad()
 def conversational_scores(reward_model_path, prompts, completions):
-    """The reward model's scores of chat-templated conversations, computed here with a plain forward."""
+    """The reward model's scores of chat-templated conversations (prompt and completion messages), one forward each."""
     reward_model = AutoModelForSequenceClassification.from_pretrained(reward_model_path)
     tokenizer = AutoTokenizer.from_pretrained(reward_model_path)
     scores = []
     for prompt, completion in zip(prompts, completions, strict=True):
-        text = apply_chat_template({"messages": prompt + [{"role": "assistant", "content": completion}]}, tokenizer)
+        text = apply_chat_template({"messages": prompt + completion}, tokenizer)
         inputs = tokenizer(text["text"], return_tensors="pt", add_special_tokens=False)
         scores.append(reward_model(**inputs).logits[0, 0].item())
     return scores
@@ -175,7 +181,7 @@ def test_chat_prompts_sampled_with_vllm_scored_by_a_reward_model(peaked_path, ti
     trainer = QRPOTrainer(model=peaked_path, args=args, train_dataset=dataset, reward_funcs=tiny_reward_model_path)
     prepared = trainer.train_dataset
     for row in prepared:
-        assert len(row["ref_completions"]) == 4
+        assert len(row["ref_completions"]) == 4 and row["ref_completions"][0][0]["role"] == "assistant"
         expected = conversational_scores(tiny_reward_model_path, [row["prompt"]] * 4, row["ref_completions"])
         np.testing.assert_allclose(row["ref_rewards"], expected, rtol=1e-5)
     trainer.train()
@@ -200,9 +206,10 @@ def test_chat_prompts_sampled_with_vllm_scored_by_a_reward_model(peaked_path, ti
         os.chdir(cwd)
     completed = load_from_disk(str(tmp_path / "completed"))["train"]
     assert len(completed) == 6  # a prompt-only dataset: 2 sampled completions per prompt
-    contents = [completion[0]["content"] for completion in completed["completion"]]
     np.testing.assert_allclose(
-        completed["reward"], conversational_scores(tiny_reward_model_path, completed["prompt"], contents), rtol=1e-5
+        completed["reward"],
+        conversational_scores(tiny_reward_model_path, completed["prompt"], completed["completion"]),
+        rtol=1e-5,
     )
 
 
