@@ -7,7 +7,7 @@ shut down when it ends, so that training gets the engine's memory back.
 import gc
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib.util import find_spec
 from unittest import mock
 
@@ -124,10 +124,11 @@ class VLLMSampler:
                 parallel_state._WORLD.destroy()
             parallel_state._WORLD = None
 
-        with mock.patch.object(
-            parallel_state, "destroy_distributed_environment",
-            destroy_vllm_groups_only if had_process_group else parallel_state.destroy_distributed_environment,
-        ):
+        keep_default_group = (
+            mock.patch.object(parallel_state, "destroy_distributed_environment", destroy_vllm_groups_only)
+            if had_process_group else nullcontext()
+        )
+        with keep_default_group:
             self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
         gc.collect()
