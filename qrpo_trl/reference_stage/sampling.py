@@ -1,16 +1,13 @@
 """
 Sampling from the reference model: each completion from its own random stream (seeded by the seed, the prompt's token
-ids and the completion's index), with `model.generate` or vLLM.
+ids and the completion's index), with `model.generate` (vLLM's counterpart is in `vllm_sampling.py`).
 """
 
-import functools
 import hashlib
-import os
 from collections.abc import Callable
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from transformers import (
     GenerationConfig,
     LogitsProcessor,
@@ -19,9 +16,7 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.utils import is_torch_cuda_available
-from trl.import_utils import is_vllm_available
-from trl.trainer.utils import get_config_model_id, pad
+from trl.trainer.utils import pad
 
 from ..reference_config import ReferenceStageFields
 
@@ -139,54 +134,4 @@ def _padded(sequences: list[list[int]], pad_token_id: int, padding_side: str) ->
     input_ids = pad([torch.tensor(ids, dtype=torch.int64) for ids in sequences], pad_token_id, padding_side)
     attention_mask = pad([torch.ones(len(ids), dtype=torch.int64) for ids in sequences], 0, padding_side)
     return input_ids, attention_mask
-
-
-@functools.lru_cache(maxsize=1)
-def _vllm_engine(model_path: str, gpu_memory_utilization: float):
-    from trl.trainer.utils import ensure_master_addr_port
-    from vllm import LLM
-
-    # Every process runs its own engine (TRL's "colocate" mode), on the process group torchrun/accelerate set up
-    state = PartialState()
-    os.environ.setdefault("RANK", str(state.process_index))
-    os.environ.setdefault("LOCAL_RANK", str(state.local_process_index))
-    os.environ.setdefault("WORLD_SIZE", str(state.num_processes))
-    ensure_master_addr_port()
-    return LLM(
-        model=model_path,
-        gpu_memory_utilization=gpu_memory_utilization,
-        distributed_executor_backend="external_launcher",
-    )
-
-
-def generate_completions_vllm(
-    model, prompt_ids: list[list[int]], seeds: list[int], args: ReferenceStageFields,
-    progress: Callable[[int, int], None] = lambda completions, tokens: None,
-) -> list[list[int]]:
-    """The vLLM counterpart of [`generate_completions`]: one request per completion, with its own seed."""
-    if model.config.is_encoder_decoder:
-        raise ValueError(
-            "`use_vllm=True`: sampling with vLLM does not support encoder-decoder models such as T5 here; set "
-            "`use_vllm=False` to sample with `model.generate`."
-        )
-    if not is_vllm_available():
-        raise ImportError("`use_vllm=True` needs vLLM: `pip install vllm`.")
-    if not is_torch_cuda_available():
-        raise ValueError("`use_vllm=True` needs a CUDA GPU.")
-    if hasattr(model, "peft_config"):
-        raise ValueError("`use_vllm=True` loads the reference model from its path, which a PEFT model does not have.")
-    from vllm import SamplingParams
-
-    llm = _vllm_engine(get_config_model_id(model.config), args.vllm_gpu_memory_utilization)
-    sampling_params = [
-        SamplingParams(
-            n=1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or -1,
-            max_tokens=args.max_completion_length, seed=seed,
-        )
-        for seed in seeds
-    ]
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params, use_tqdm=False)
-    completions = [list(output.outputs[0].token_ids) for output in outputs]
-    progress(len(completions), sum(map(len, completions)))
-    return completions
 

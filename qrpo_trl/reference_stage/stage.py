@@ -10,6 +10,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +31,8 @@ from ..tokenization import template_kwargs, tokenize_pairs, tokenize_prompts, wi
 from .columns import StageResults, open_columns, write_columns
 from .storage import ChunkStore, check_shared, schema_metadata
 from .rewards import RewardFunc, RewardFunctions
-from .sampling import completion_seeds, eos_token_ids, generate_completion_arrays, generate_completions_vllm
+from .sampling import completion_seeds, eos_token_ids, generate_completion_arrays
+from .vllm_sampling import VLLMSampler, check_vllm_sampling
 
 
 logger = get_logger(__name__)
@@ -212,13 +214,16 @@ class ReferenceStage:
         args = self.args
         n = args.num_generations
         eos_ids = eos_token_ids(self.model, self.processing_class)
+        if args.use_vllm:
+            check_vllm_sampling(self.model, args, self.state.num_processes)
+            vllm = VLLMSampler(self.model, args)
 
         def compute(start: int, stop: int, progress) -> pa.Table:
             prompt_ids = [groups.prompt_ids(group) for group in range(start // n, stop // n)]
             seeds = [seed for ids in prompt_ids for seed in completion_seeds(args.seed, ids, n)]
             unit_prompt_ids = [ids for ids in prompt_ids for _ in range(n)]
             if args.use_vllm:
-                completions = generate_completions_vllm(self.model, unit_prompt_ids, seeds, args, progress)
+                completions = vllm.generate(unit_prompt_ids, seeds, eos_ids, args, progress)
                 completions = [np.asarray(ids, dtype=np.int64) for ids in completions]
             else:
                 completions = generate_completion_arrays(
@@ -240,9 +245,11 @@ class ReferenceStage:
 
         # Chunks of whole prompts, so that a chunk's completions of one prompt are batched together
         ranges = self._ranges(len(groups.first_rows) * n, n)
+        # vLLM's engine runs while chunks are sampled: its memory is given back before scoring and training
+        engine = dict(around=vllm.running, group_size=args.vllm_tensor_parallel_size) if args.use_vllm else {}
         store, metadata = self._run_pass(
             "sampling", groups.sampling_key, ranges, ["completion_ids", "completion"], compute,
-            f"Sampling reference completions for {dataset_name} dataset",
+            f"Sampling reference completions for {dataset_name} dataset", **engine,
         )
         truncated = sum(int(entry.get("num_truncated", 0)) for entry in metadata)
         if truncated:
@@ -317,18 +324,22 @@ class ReferenceStage:
     def _run_pass(
         self, kind: str, key: str, ranges: list[tuple[int, int]], columns: list[str],
         compute: Callable[..., pa.Table], description: str,
+        around: Callable[[], AbstractContextManager] = nullcontext, group_size: int = 1,
     ) -> tuple[ChunkStore, list[dict]]:
         """
         `compute(start, stop, progress)` over the chunks `ranges` that the pass's cache does not have, each chunk
-        computed and written by one process (the missing chunks dealt round-robin). Returns the store, once every
-        process is done, and the metadata of every chunk file.
+        computed and written by one process (the missing chunks dealt round-robin), inside `around()`, entered by every
+        process when a chunk is missing. With `group_size` > 1 (vLLM's tensor parallelism), each group of `group_size`
+        consecutive processes computes its chunks together, and the group's first process writes them. Returns the
+        store, once every process is done, and the metadata of every chunk file.
         """
         store = ChunkStore(os.path.join(self.cache_root, f"{kind}-{key}"), ranges, columns, self.state)
         missing, metadata = store.missing()
         if not missing:
             logger.info(f"{description}: loaded from the cache {store.directory}.")
             return store, metadata
-        mine = missing[self.state.process_index :: self.state.num_processes]
+        group, rank_in_group = divmod(self.state.process_index, group_size)
+        mine = missing[group :: self.state.num_processes // group_size]
         bar = tqdm(
             total=sum(stop - start for start, stop in mine), desc=description, unit="completion",
             main_process_only=True, disable=bool(os.environ.get("TQDM_DISABLE", "")),
@@ -343,16 +354,19 @@ class ReferenceStage:
             bar.set_postfix_str(f"{tokens_per_second:.1f} tokens/s", refresh=False)
 
         failure, written = None, []
-        for chunk in mine:
-            try:
-                table = compute(*chunk, progress)
-                store.write(chunk, table)
-            except Exception as error:
-                if self.state.num_processes == 1:
-                    raise
-                failure = error  # the others finish their chunks (kept in the cache), then every process raises
-                break
-            written.append(schema_metadata(table.schema))
+        with around():
+            for chunk in mine:
+                try:
+                    table = compute(*chunk, progress)
+                    if rank_in_group == 0:
+                        store.write(chunk, table)
+                except Exception as error:
+                    if self.state.num_processes == 1:
+                        raise
+                    failure = error  # the others finish their chunks (kept in the cache), then every process raises
+                    break
+                if rank_in_group == 0:
+                    written.append(schema_metadata(table.schema))
         bar.close()
         return store, metadata + store.finish(failure, written)
 
@@ -412,12 +426,10 @@ class _Groups:
     def scan(cls, stage: "ReferenceStage", rows: Dataset, to_score, kwarg_columns, sample: bool, conversational: bool):
         args = stage.args
         tokenizer_hash = Hasher.hash(stage.processing_class)
-        settings = [
-            getattr(args, name)
-            for name in (
-                "num_generations", "max_completion_length", "temperature", "top_p", "top_k", "seed", "use_vllm"
-            )
-        ]
+        names = ["num_generations", "max_completion_length", "temperature", "top_p", "top_k", "seed", "use_vllm"]
+        # vLLM's kernels differ with tensor parallelism and compilation (other sums, other samples)
+        names += ["vllm_tensor_parallel_size", "vllm_enforce_eager"] if args.use_vllm else []
+        settings = [getattr(args, name) for name in names]
         sampling_hash = _hasher(
             _CACHE_FORMAT, stage.model_fingerprint if sample else None, tokenizer_hash,
             eos_token_ids(stage.model, stage.processing_class), settings, conversational,

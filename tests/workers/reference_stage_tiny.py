@@ -37,6 +37,8 @@ def main():
     parser.add_argument("--cache_dir", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--fail_on_process_1", action="store_true", help="Only the stage, with a judge failing there.")
+    parser.add_argument("--use_vllm", action="store_true", help="Sample with vLLM (a small share of memory, eager).")
+    parser.add_argument("--vllm_tensor_parallel_size", type=int, default=1)
     cli = parser.parse_args()
 
     state = PartialState(cpu=True)  # without it, accelerate sees a single process under torchrun on a CPU machine
@@ -48,6 +50,11 @@ def main():
         num_generations=3, max_completion_length=6, generation_batch_size=2, reference_chunk_size=4,
         reward_weights=[1.0, 2.0], reference_cache_dir=os.path.join(cli.cache_dir, "function"),
     )
+    if cli.use_vllm:
+        settings.update(
+            use_vllm=True, vllm_gpu_memory_utilization=0.1, vllm_enforce_eager=True,
+            vllm_tensor_parallel_size=cli.vllm_tensor_parallel_size,
+        )
     config = ReferenceConfig(keep_ref_completions=True, **settings)
     if cli.fail_on_process_1:
         precompute_rewards(dataset, cli.model, [judge_down_on_process_1, cli.reward_model], config)
