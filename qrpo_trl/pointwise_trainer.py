@@ -52,6 +52,7 @@ from .data_utils import (
     pointwise_batch,
     to_pointwise,
 )
+from .fingerprint import token_ids_fingerprint
 from .packed_attention import per_sample_attention
 from .pointwise_config import PointwiseConfig
 from .reference_stage import ReferenceStage, RewardFunctions
@@ -776,8 +777,10 @@ class PointwiseTrainer(DPOTrainer):
                 self.args.logps_normalization, self.args.max_length, self.args.truncation_mode, self._logits_temperature,
                 self.accelerator.mixed_precision,
             )
-            fingerprint = [Hasher.hash((dataset._fingerprint, self._precompute_model_hash, settings))]
-            broadcast_object_list(fingerprint, from_process=0)  # fingerprints may differ across ranks
+            # By content: the dataset's fingerprint covers the tokenizer's path and loading options
+            tokens = token_ids_fingerprint(dataset, ["prompt_ids", "completion_ids"]) if self.accelerator.is_main_process else None
+            fingerprint = [Hasher.hash((tokens, self._precompute_model_hash, settings))]
+            broadcast_object_list(fingerprint, from_process=0)
             cache_dir = os.path.dirname(dataset.cache_files[0]["filename"])
             cache_file = os.path.join(cache_dir, f"qrpo_trl-ref_logps-{fingerprint[0]}.npy")
         cached = [np.load(cache_file) if cache_file and self.accelerator.is_main_process and os.path.exists(cache_file) else None]

@@ -151,8 +151,9 @@ class ReferenceConfig(ReferenceStageFields):
             with `ref_rewards`).
         reference_cache_dir (`str`, *optional*):
             Directory where the stage caches its results, keyed by a fingerprint of the reference model's weights, the
-            tokenizer, the prompts and the columns passed to the reward functions, the sampling settings and the reward
-            functions (weights of reward models; qualified name, source and captured values of callables). If `None`,
+            tokenizer (its vocabulary, template and settings, not its path), the prompts and the columns passed to the
+            reward functions, the sampling settings and the reward functions (weights of reward models; code, captured
+            values and the globals they read of callables, see `qrpo_trl.fingerprint`). If `None`,
             `$HF_HOME/qrpo_trl` (by default `~/.cache/huggingface/qrpo_trl`). Each process writes its results there
             for the others to read: with several machines, it must be on storage they all mount at the same path.
         reference_chunk_size (`int`, *optional*, defaults to `1024`):

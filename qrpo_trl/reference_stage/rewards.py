@@ -4,19 +4,26 @@ cache key, and scoring with errors that name the function and the dataset rows.
 """
 
 import functools
-import inspect
 import json
 import math
+import uuid
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list
 from datasets.fingerprint import Hasher
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl.data_utils import apply_chat_template, is_conversational
 from trl.trainer.utils import get_callable_name, get_config_model_id, hash_module
+
+from ..fingerprint import UnreliableFingerprint, callable_fingerprint, tokenizer_fingerprint
+
+
+logger = get_logger(__name__)
 
 
 RewardFunc = str | PreTrainedModel | Callable[..., list]
@@ -69,12 +76,26 @@ class RewardFunctions:
 
     @functools.cached_property
     def fingerprint(self) -> str:
+        """
+        The reward functions' part of the cache key: reward models by their weights and tokenizer, callables by
+        `callable_fingerprint`. A callable whose fingerprint cannot be trusted gets a key of its own for this run, the
+        same on every process: its rewards are computed again, never taken from an earlier run.
+        """
         identities = []
-        for func, processing_class in zip(self.funcs, self.processing_classes, strict=True):
+        for func, name, processing_class in zip(self.funcs, self.names, self.processing_classes, strict=True):
             if isinstance(func, nn.Module):
-                identities.append(("model", hash_module(func), Hasher.hash(processing_class)))
-            else:
-                identities.append(("callable", _callable_fingerprint(func)))
+                identities.append(("model", hash_module(func), tokenizer_fingerprint(processing_class)))
+                continue
+            try:
+                identities.append(("callable", callable_fingerprint(func)))
+            except UnreliableFingerprint as error:
+                logger.warning(
+                    f"The reward function '{name}' cannot be fingerprinted reliably ({error}): its rewards are computed "
+                    "again on every run rather than read from the cache."
+                )
+                run_token = [uuid.uuid4().hex]
+                broadcast_object_list(run_token, from_process=0)
+                identities.append(("this run only", run_token[0]))
         return Hasher.hash((identities, self.weights))
 
     def __call__(
@@ -138,32 +159,6 @@ def _load_reward_model(path: str, trust_remote_code: bool = False) -> PreTrained
             "instance."
         ) from error
     return model.to(PartialState().device).eval()
-
-
-def _callable_fingerprint(func) -> str:
-    """
-    Qualified name, source (bytecode if it has none) and bound or captured values of a callable (values that cannot be
-    pickled count by their `repr`). The globals it reads are not part of it.
-    """
-    if isinstance(func, functools.partial):
-        return _hash((_callable_fingerprint(func.func), func.args, func.keywords))
-    code_owner = func if inspect.isfunction(func) or inspect.ismethod(func) else type(func).__call__
-    try:
-        code = inspect.getsource(code_owner)
-    except (OSError, TypeError):
-        code = getattr(getattr(code_owner, "__code__", None), "co_code", b"")
-    function = getattr(code_owner, "__func__", code_owner)
-    captured = [cell.cell_contents for cell in getattr(function, "__closure__", None) or ()]
-    instance = None if inspect.isfunction(func) else getattr(func, "__self__", func)  # a bound method's or a callable's
-    qualname = getattr(func, "__qualname__", type(func).__qualname__)
-    return _hash((getattr(func, "__module__", None), qualname, code, captured, getattr(instance, "__dict__", None)))
-
-
-def _hash(value) -> str:
-    try:
-        return Hasher.hash(value)
-    except Exception:  # not picklable
-        return Hasher.hash(repr(value))
 
 
 @torch.inference_mode()

@@ -25,6 +25,7 @@ from trl.data_utils import extract_prompt, is_conversational
 from trl.trainer.utils import create_model_from_path, get_config_model_id, hash_module
 
 from ..data_utils import PAIRED_COLUMNS, PAIRED_REWARD_COLUMNS, check_stage_columns, paired_reward_columns
+from ..fingerprint import tokenizer_fingerprint
 from ..reference_config import ReferenceConfig, ReferenceStageFields
 from ..tokenization import template_kwargs, tokenize_pairs, tokenize_prompts
 from .columns import StageResults, open_columns, write_columns
@@ -412,7 +413,7 @@ class _Groups:
     @classmethod
     def scan(cls, stage: "ReferenceStage", rows: Dataset, to_score, kwarg_columns, sample: bool, conversational: bool):
         args = stage.args
-        tokenizer_hash = Hasher.hash(stage.processing_class)
+        tokenizer_hash = tokenizer_fingerprint(stage.processing_class)
         settings = [
             getattr(args, name)
             for name in (
