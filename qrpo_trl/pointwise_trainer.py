@@ -57,6 +57,7 @@ from .packed_attention import per_sample_attention
 from .pointwise_config import PointwiseConfig
 from .reference_stage import ReferenceStage, RewardFunctions
 from .tokenization import template_kwargs, tokenize_pairs
+from .utils import eval_mode
 
 
 logger = get_logger(__name__)
@@ -733,16 +734,13 @@ class PointwiseTrainer(DPOTrainer):
         tolerance = 1e-2 if half_precision else 1e-5
         for role, model in probes:
             scores = []
-            with torch.no_grad(), self.accelerator.autocast():
-                was_training = model.training
-                model.eval()
+            with torch.no_grad(), self.accelerator.autocast(), eval_mode(model):
                 # Alone in a padded batch (nothing to leak from), then packed after another sample
                 padded_collator = dataclasses.replace(self.data_collator, padding_free=False)
                 for collator, examples in ((padded_collator, [probe]), (self.data_collator, [other, probe])):
                     batch = collator(examples)
                     batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                     scores.append(self._sequence_logps(model, batch)[0][-1].item())
-                model.train(was_training)
             alone, packed = scores
             if abs(alone - packed) > tolerance * max(1.0, abs(alone)):
                 implementation = self.accelerator.unwrap_model(model).config._attn_implementation
@@ -801,8 +799,6 @@ class PointwiseTrainer(DPOTrainer):
         )
         dataloader = self.accelerator.prepare(dataloader)
         model = self._reference_inference_model()
-        was_training = model.training
-        model.eval()
         chunks = []
         batches = tqdm(
             iterable=dataloader,
@@ -811,10 +807,12 @@ class PointwiseTrainer(DPOTrainer):
         )
         # The log-probs only leave as numbers: no version counters to keep. Activation checkpointing (nothing to
         # re-run without a backward) is switched off once here rather than per batch by `compute_ref_log_probs`
-        with torch.inference_mode(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with (
+            torch.inference_mode(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            eval_mode(model),
+        ):
             for batch in batches:
                 chunks.append(self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch)).cpu())
-        model.train(was_training)
         ref_logps = np.empty(len(dataset))
         ref_logps[order] = torch.cat(chunks).double().numpy()
         if cache_file and self.accelerator.is_main_process:

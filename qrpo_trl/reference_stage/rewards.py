@@ -21,6 +21,7 @@ from trl.data_utils import apply_chat_template, is_conversational
 from trl.trainer.utils import get_callable_name, get_config_model_id, hash_module
 
 from ..fingerprint import UnreliableFingerprint, callable_fingerprint, tokenizer_fingerprint
+from ..utils import eval_mode
 
 
 logger = get_logger(__name__)
@@ -172,19 +173,17 @@ def _reward_model_scores(model, processing_class, prompts, completions, batch_si
         texts = [prompt + completion for prompt, completion in zip(prompts, completions, strict=True)]
     rewards = np.empty(len(texts), dtype=np.float64)
     order = np.argsort([-len(text) for text in texts], kind="stable")  # similar lengths together: less padding
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(texts), batch_size):
-        batch = order[start : start + batch_size]
-        inputs = processing_class(
-            text=[texts[i] for i in batch], return_tensors="pt", padding=True, padding_side="right",
-            add_special_tokens=False,
-        ).to(model.device)
-        outputs = model(**inputs)
-        # Custom-code reward models such as ArmoRM return their reward as `score` (and no `logits`)
-        scores = outputs.score if getattr(outputs, "score", None) is not None else outputs.logits
-        rewards[batch] = scores.reshape(len(batch), -1)[:, 0].double().cpu().numpy()
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(texts), batch_size):
+            batch = order[start : start + batch_size]
+            inputs = processing_class(
+                text=[texts[i] for i in batch], return_tensors="pt", padding=True, padding_side="right",
+                add_special_tokens=False,
+            ).to(model.device)
+            outputs = model(**inputs)
+            # Custom-code reward models such as ArmoRM return their reward as `score` (and no `logits`)
+            scores = outputs.score if getattr(outputs, "score", None) is not None else outputs.logits
+            rewards[batch] = scores.reshape(len(batch), -1)[:, 0].double().cpu().numpy()
     return rewards
 
 
