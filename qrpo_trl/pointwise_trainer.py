@@ -53,6 +53,7 @@ from .data_utils import (
     to_pointwise,
 )
 from .fingerprint import token_ids_fingerprint
+from .non_finite import StopOnNonFiniteGradients
 from .packed_attention import per_sample_attention
 from .pointwise_config import PointwiseConfig
 from .reference_stage import ReferenceStage, RewardFunctions
@@ -419,7 +420,7 @@ class PointwiseTrainer(DPOTrainer):
                 eval_dataset=eval_dataset,
                 processing_class=processing_class,
                 compute_metrics=compute_metrics,
-                callbacks=callbacks,
+                callbacks=[*(callbacks or []), StopOnNonFiniteGradients()],
                 optimizers=optimizers,
                 quantization_config=quantization_config,
                 peft_config=peft_config,

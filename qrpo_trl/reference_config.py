@@ -1,6 +1,7 @@
 """Settings of the reference stage: sampling reference completions and scoring completions with reward functions."""
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(kw_only=True)
@@ -84,6 +85,7 @@ class ReferenceStageFields:
     )
 
     def _check_reference_fields(self) -> None:
+        check_finite_settings(self)
         for name in ("num_generations", "max_completion_length", "generation_batch_size", "reference_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
@@ -93,6 +95,21 @@ class ReferenceStageFields:
             raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
         if self.top_k < 0:
             raise ValueError(f"`top_k` must be >= 0, got {self.top_k}.")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"`vllm_gpu_memory_utilization` is a fraction of the GPU memory, in (0, 1]; got "
+                f"{self.vllm_gpu_memory_utilization}."
+            )
+
+
+def check_finite_settings(config) -> None:
+    """Every float setting of a config dataclass (its own and inherited ones, and the floats of list settings) must
+    be a finite number: NaN or inf would make every target or weight NaN, not fail."""
+    for field_ in fields(config):
+        value = getattr(config, field_.name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"`{field_.name}` must be a finite number, got {value}.")
 
 
 @dataclass
