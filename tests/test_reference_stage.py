@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from qrpo_trl import QRPOConfig, QRPOTrainer, ReferenceConfig, RPOConfig, RPOTrainer, precompute_rewards
 from qrpo_trl import cli
-from qrpo_trl.reference_stage import RewardFunctions
+from qrpo_trl.reference_stage import RewardFunctions, storage
 
 
 PROMPTS = ["what is the sky", "tell me about the sea", "hello", "tell me about the grass", "what is one two"]
@@ -373,8 +373,10 @@ def test_damaged_cache_files_are_recomputed(model, tokenizer, tmp_path, caplog):
         file.write(b"\0" * 8)
     with open(output, "wb") as file:
         file.write(b"not an arrow file")
-    # What a run killed while writing leaves
-    (tmp_path / "cache" / os.path.basename(os.path.dirname(sampling[0])) / ".tmp-0123").write_bytes(b"\0" * 100)
+    # What a run killed while writing leaves: the temporary file of a process that is gone
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with open(storage.temporary_path(os.path.dirname(sampling[0]), pid=int(finished.stdout)), "wb") as file:
+        file.write(b"\0" * 100)
 
     CALLS.update(reward=0, generate=0)
     again = precompute_rewards(dataset, model, flaky_length_reward, args, processing_class=tokenizer)
@@ -388,7 +390,6 @@ def test_damaged_cache_files_are_recomputed(model, tokenizer, tmp_path, caplog):
 
 
 def test_full_disk_is_a_clear_error(model, tokenizer, tmp_path, monkeypatch):
-    from qrpo_trl.reference_stage import storage
 
     def full_disk(self, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
