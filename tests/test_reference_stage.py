@@ -390,7 +390,6 @@ def test_damaged_cache_files_are_recomputed(model, tokenizer, tmp_path, caplog):
 
 
 def test_full_disk_is_a_clear_error(model, tokenizer, tmp_path, monkeypatch):
-
     def full_disk(self, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
