@@ -58,7 +58,7 @@ from .packed_attention import per_sample_attention
 from .pointwise_config import PointwiseConfig
 from .reference_stage import ReferenceStage, RewardFunctions
 from .tokenization import template_kwargs, tokenize_pairs
-from .utils import eval_mode
+from .utils import check_model_path, eval_mode
 
 
 logger = get_logger(__name__)
@@ -384,8 +384,10 @@ class PointwiseTrainer(DPOTrainer):
                 f"{type(self).__name__} needs a {self._config_class.__name__} as `args`, got {type(args).__name__}."
             )
         # A ValueError, as DPOTrainer's for a vision dataset and a text-only model
-        is_dataset = isinstance(train_dataset, (Dataset, IterableDataset))
-        if is_dataset and {"image", "images"} & set(next(iter(train_dataset))):
+        first_row = next(iter(train_dataset), None) if isinstance(train_dataset, (Dataset, IterableDataset)) else {}
+        if first_row is None:  # DPOTrainer.__init__ reads it: a bare StopIteration
+            raise ValueError("The train dataset is empty: it has no rows.")
+        if {"image", "images"} & set(first_row):
             raise ValueError(f"{type(self).__name__} does not support vision-language datasets ('image' or 'images').")
         self._train_statistics = None
         self._fused_lm_head_restricted = False
@@ -400,6 +402,7 @@ class PointwiseTrainer(DPOTrainer):
             )
         # `_prepare_dataset` tokenises for the architecture, but runs before DPOTrainer has loaded and stored the model
         if isinstance(model, str):
+            check_model_path(model, "model")
             revision = (args.model_init_kwargs or {}).get("revision")
             config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=args.trust_remote_code)
         else:
@@ -549,7 +552,10 @@ class PointwiseTrainer(DPOTrainer):
                 f"log-probabilities of the whole {dataset_name} dataset are computed before training. Use a map-style "
                 "Dataset or set `precompute_ref_log_probs=False`."
             )
-        first_row = Dataset.from_list([next(iter(dataset))])
+        first = next(iter(dataset), None)
+        if first is None:
+            raise ValueError(f"The streamed {dataset_name} dataset is empty: it has no rows.")
+        first_row = Dataset.from_list([first])
         if "completion_ids" in first_row.column_names:  # already prepared, e.g. handed back to `evaluate()`
             return dataset
         if self._needs_reference_stage(first_row):
@@ -590,6 +596,11 @@ class PointwiseTrainer(DPOTrainer):
             desc=f"Tokenizing {dataset_name} dataset",
             **map_kwargs,
         )
+        if len(tokenized) == 0:
+            raise ValueError(
+                f"Every sample of the {dataset_name} dataset has a prompt of max_length={args.max_length} tokens or "
+                "more: truncation would leave no completion token. Raise `max_length`, or shorten the prompts."
+            )
         if len(tokenized) < len(dataset):
             logger.warning(
                 f"Dropped {len(dataset) - len(tokenized)} of {len(dataset)} samples of the {dataset_name} dataset whose "

@@ -21,7 +21,7 @@ from trl.data_utils import apply_chat_template, is_conversational
 from trl.trainer.utils import get_callable_name, get_config_model_id, hash_module
 
 from ..fingerprint import UnreliableFingerprint, callable_fingerprint, tokenizer_fingerprint
-from ..utils import eval_mode
+from ..utils import check_model_path, eval_mode
 
 
 logger = get_logger(__name__)
@@ -131,6 +131,11 @@ class RewardFunctions:
             raise RuntimeError(
                 f"Reward function '{name}' raised {type(error).__name__} on the completions of {where}: {error}"
             ) from error
+        if output is None or isinstance(output, (str, bytes, dict)) or not hasattr(output, "__len__"):
+            raise ValueError(
+                f"Reward function '{name}' returned {repr(output)[:80]} ({type(output).__name__}) for the "
+                f"{len(completions)} completions of {where}: it must return a list of one reward per completion."
+            )
         output = list(output)
         if len(output) != len(completions):
             raise ValueError(
@@ -147,6 +152,7 @@ class RewardFunctions:
 
 
 def _load_reward_model(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
+    check_model_path(path, "reward_funcs")
     try:
         # Custom-code reward models (ArmoRM, the QRPO paper's) load through their `auto_map` with trust_remote_code
         model = AutoModelForSequenceClassification.from_pretrained(
