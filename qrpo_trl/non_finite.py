@@ -22,13 +22,16 @@ class StopOnNonFiniteGradients(TrainerCallback):
         gradients = [param.grad for param in model.parameters() if param.grad is not None]
         if not gradients:
             return
-        finite = torch.stack([norm.float() for norm in torch._foreach_norm(gradients)]).isfinite().all().float()
+        total_norm = torch.nn.utils.get_total_norm(gradients)  # NaN or inf if any gradient is
+        if hasattr(total_norm, "full_tensor"):  # a DTensor (FSDP2): over every shard
+            total_norm = total_norm.full_tensor()
+        finite = total_norm.isfinite().float()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
             raise FloatingPointError(
-                f"Training step {state.global_step + 1}: the gradients hold NaN or inf values (the loss of this step is "
-                "not finite, or overflowed). Training stops here, before the optimizer writes them into the weights. "
-                "Check the settings (learning_rate, beta) and the data of this step's batch (rewards, reference "
-                "log-probabilities)."
+                f"Training step {state.global_step + 1}: the gradients hold NaN or inf values (the loss of this step "
+                "is not finite, or overflowed). Training stops here, before the optimizer writes them into the "
+                "weights. Check the settings (learning_rate, beta) and the data of this step's batch (rewards, "
+                "reference log-probabilities)."
             )

@@ -788,7 +788,9 @@ class PointwiseTrainer(DPOTrainer):
                 self.accelerator.mixed_precision,
             )
             # By content: the dataset's fingerprint covers the tokenizer's path and loading options
-            tokens = token_ids_fingerprint(dataset, ["prompt_ids", "completion_ids"]) if self.accelerator.is_main_process else None
+            tokens = None
+            if self.accelerator.is_main_process:
+                tokens = token_ids_fingerprint(dataset, ["prompt_ids", "completion_ids"])
             fingerprint = [Hasher.hash((tokens, self._precompute_model_hash, settings))]
             broadcast_object_list(fingerprint, from_process=0)
             cache_dir = os.path.dirname(dataset.cache_files[0]["filename"])

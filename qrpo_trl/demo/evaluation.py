@@ -112,7 +112,8 @@ def kl_to_reference(model, samples: Dataset, pad_token_id: int, batch_size: int 
             sampled = input_ids[:, 1:][predicts_completion]
 
             def next_token_logps():
-                logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
+                inputs = {"input_ids": input_ids.to(model.device), "attention_mask": attention_mask.to(model.device)}
+                logits = model(**inputs).logits
                 # float64: the KL of two nearly equal distributions is a small difference of large terms
                 return logits[:, :-1][predicts_completion.to(model.device)].cpu().double().log_softmax(-1)
 
