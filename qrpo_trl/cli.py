@@ -6,7 +6,8 @@ The `qrpo-trl` command line, built like TRL's `trl dpo` on `TrlParser`:
 
 Every field of the command's dataclasses can be set in the YAML config or on the command line (which wins). Without
 launch options the command runs in this process; with them (`--accelerate_config`, `--num_processes`, ...) it
-relaunches itself under `accelerate launch`. Bad input ends with a one-line error and a non-zero exit code.
+relaunches itself under `accelerate launch`. Bad input ends with a one-line error and a non-zero exit code; any other
+error, with its traceback.
 """
 
 import argparse
@@ -100,8 +101,10 @@ class CommandParser(TrlParser):
             *dataclasses, config_unknown, cli_unknown = self.parse_args_and_config(
                 args, return_remaining_strings=True, separate_remaining_strings=True
             )
+        except yaml.YAMLError as error:  # its message spans lines: where the file breaks, and how
+            self.error(f"the config file is not valid YAML: {' '.join(str(error).split())}")
         except (ValueError, TypeError, OSError) as error:  # config file, dataclass validation (`__post_init__`)
-            self.error(str(error))
+            self.error(str(error) if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: {error}")
         problems = []
         if config_unknown:
             problems.append(f"unknown config fields: {', '.join(s.removeprefix('--') for s in config_unknown[::2])}")
@@ -192,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             launch(command, args, launch_args, dataclasses)
         else:
             importlib.import_module(f"qrpo_trl.scripts.{command}").main(*dataclasses)
-    except (ValueError, TypeError, OSError) as error:
-        # Bad input (data, paths, settings) found by the command: its message, not a traceback
+    except (ValueError, OSError) as error:
+        # Bad input (data, paths, settings) found by the command: its message, not a traceback. Anything else (a
+        # TypeError, a KeyError, ...) is not ours to explain in one line: its traceback says what and where.
         parser.exit(1, f"{parser.prog}: error: {error}\n")
     except (subprocess.CalledProcessError, ChildFailedError):  # the launched processes have printed why
         parser.exit(1, f"{parser.prog}: error: the launched processes failed (see their errors above)\n")

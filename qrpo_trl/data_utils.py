@@ -28,6 +28,7 @@ POINTWISE_COLUMNS = ("prompt", "completion", "reward")
 PAIRED_SAMPLES = ("both", "chosen", "rejected", "random")
 PAIRED_REF_LOGPS_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 PAIRED_COLUMNS = ("chosen", "rejected")
+TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected")
 # The reward columns of paired data: ours, UltraFeedback's, and the official QRPO datasets'
 PAIRED_REWARD_COLUMNS = (
     ("chosen_reward", "rejected_reward"),
@@ -54,8 +55,35 @@ def paired_reward_columns(column_names: list[str]) -> tuple[str, str] | None:
     return None
 
 
+def check_texts(dataset: Dataset, dataset_name: str) -> None:
+    """
+    Raise a ValueError naming the column (and row) if the dataset is empty, a prompt or completion is None, or prompts
+    and completions mix formats (text and conversational): TRL formats them together, which would fail deep inside.
+    """
+    if len(dataset) == 0:
+        raise ValueError(f"The {dataset_name} dataset is empty: it has no rows.")
+    columns = [column for column in TEXT_COLUMNS if column in dataset.column_names]
+    table = dataset.with_format("arrow")
+    for column in columns:
+        nulls = np.flatnonzero(table[column].is_null().to_numpy(zero_copy_only=False))
+        if nulls.size:
+            raise ValueError(
+                f"Column '{column}' of the {dataset_name} dataset, row {nulls[0]}: expected a text or a list of "
+                f"messages, got None. {nulls.size} rows are None."
+            )
+    formats = {column: "text" if pa.types.is_string(table[column].type) or pa.types.is_large_string(table[column].type)
+               else "conversational (lists of messages)" for column in columns}
+    if len(set(formats.values())) > 1:
+        described = ", ".join(f"'{column}' is {kind}" for column, kind in formats.items())
+        raise ValueError(
+            f"The {dataset_name} dataset mixes formats: {described}. Prompts and completions must all be text, or all "
+            "conversational (a completion is then a list holding the assistant's message)."
+        )
+
+
 def check_columns(dataset: Dataset, dataset_name: str, reference_columns: tuple[str, ...] = ()) -> None:
-    """Raise a ValueError listing the accepted formats if `dataset` matches none of them."""
+    """Raise a ValueError listing the accepted formats if `dataset` matches none of them, or if its texts are bad."""
+    check_texts(dataset, dataset_name)
     columns = dataset.column_names
     has_reference = not reference_columns or any(column in columns for column in reference_columns)
     pointwise = all(column in columns for column in POINTWISE_COLUMNS)
@@ -83,6 +111,7 @@ def check_stage_columns(dataset: Dataset, dataset_name: str) -> None:
     columns = dataset.column_names
     num_paired = sum(column in columns for column in PAIRED_COLUMNS)
     if ("prompt" in columns or num_paired == 2) and num_paired != 1:
+        check_texts(dataset, dataset_name)
         if has_rewards(columns):
             check_rewards(dataset, dataset_name)
         return

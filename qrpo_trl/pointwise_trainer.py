@@ -38,11 +38,13 @@ from .data_utils import (
 )
 from .kernels import compact_fused_lm_head, per_sample_attention
 from .metrics import PairMetricsMixin
+from .non_finite import StopOnNonFiniteGradients
 from .pointwise_collator import DataCollatorForPointwise, model_inputs, sequence_lengths
 from .pointwise_config import PointwiseConfig
 from .reference_logps import ReferenceLogProbsMixin
 from .reference_stage import ReferenceStage, RewardFunctions
 from .tokenization import template_kwargs, tokenize_pairs
+from .utils import check_model_path, eval_mode
 
 
 logger = get_logger(__name__)
@@ -131,7 +133,7 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
                 eval_dataset=eval_dataset,
                 processing_class=processing_class,
                 compute_metrics=compute_metrics,
-                callbacks=callbacks,
+                callbacks=[*(callbacks or []), StopOnNonFiniteGradients()],
                 optimizers=optimizers,
                 quantization_config=quantization_config,
                 peft_config=peft_config,
@@ -158,8 +160,10 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
 
     def _refuse_vision_dataset(self, train_dataset) -> None:
         # A ValueError, as DPOTrainer's for a vision dataset and a text-only model
-        is_dataset = isinstance(train_dataset, (Dataset, IterableDataset))
-        if is_dataset and {"image", "images"} & set(next(iter(train_dataset))):
+        first_row = next(iter(train_dataset), None) if isinstance(train_dataset, (Dataset, IterableDataset)) else {}
+        if first_row is None:  # DPOTrainer.__init__ reads it: a bare StopIteration
+            raise ValueError("The train dataset is empty: it has no rows.")
+        if {"image", "images"} & set(first_row):
             raise ValueError(f"{type(self).__name__} does not support vision-language datasets ('image' or 'images').")
 
     @staticmethod
@@ -175,6 +179,7 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
     def _model_config(model, args):
         """The model's config, read without loading the model when it is given by name."""
         if isinstance(model, str):
+            check_model_path(model, "model")
             revision = (args.model_init_kwargs or {}).get("revision")
             return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=args.trust_remote_code)
         return model.config
@@ -304,7 +309,10 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
                 f"log-probabilities of the whole {dataset_name} dataset are computed before training. Use a map-style "
                 "Dataset or set `precompute_ref_log_probs=False`."
             )
-        first_row = Dataset.from_list([next(iter(dataset))])
+        first = next(iter(dataset), None)
+        if first is None:
+            raise ValueError(f"The streamed {dataset_name} dataset is empty: it has no rows.")
+        first_row = Dataset.from_list([first])
         if "completion_ids" in first_row.column_names:  # already prepared, e.g. handed back to `evaluate()`
             return dataset
         if self._needs_reference_stage(first_row):
@@ -345,6 +353,11 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
             desc=f"Tokenizing {dataset_name} dataset",
             **map_kwargs,
         )
+        if len(tokenized) == 0:
+            raise ValueError(
+                f"Every sample of the {dataset_name} dataset has a prompt of max_length={args.max_length} tokens or "
+                "more: truncation would leave no completion token. Raise `max_length`, or shorten the prompts."
+            )
         if len(tokenized) < len(dataset):
             logger.warning(
                 f"Dropped {len(dataset) - len(tokenized)} of {len(dataset)} samples of the {dataset_name} dataset whose "
@@ -465,16 +478,13 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
         tolerance = 1e-2 if half_precision else 1e-5
         for role, model in probes:
             scores = []
-            with torch.no_grad(), self.accelerator.autocast():
-                was_training = model.training
-                model.eval()
+            with torch.no_grad(), self.accelerator.autocast(), eval_mode(model):
                 # Alone in a padded batch (nothing to leak from), then packed after another sample
                 padded_collator = dataclasses.replace(self.data_collator, padding_free=False)
                 for collator, examples in ((padded_collator, [probe]), (self.data_collator, [other, probe])):
                     batch = collator(examples)
                     batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                     scores.append(self._sequence_logps(model, batch)[0][-1].item())
-                model.train(was_training)
             alone, packed = scores
             if abs(alone - packed) > tolerance * max(1.0, abs(alone)):
                 implementation = self.accelerator.unwrap_model(model).config._attn_implementation

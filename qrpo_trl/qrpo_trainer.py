@@ -1,6 +1,7 @@
 import textwrap
 
 import numpy as np
+from datasets import Dataset
 
 from .data_utils import float_column, ragged_float_column, reward_columns
 from .pointwise_collator import completion_lengths
@@ -77,6 +78,30 @@ class QRPOTrainer(PointwiseTrainer):
             }"""),
     }
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        raw = isinstance(dataset, Dataset) and "completion_ids" not in dataset.column_names
+        if raw and self._needs_reference_stage(dataset) and self._samples_ref_rewards(dataset.column_names):
+            # Checked now, not on the sampled `ref_rewards` once the whole reference stage has run
+            needed, reasons = self._references_needed(args)
+            if args.num_generations < needed:
+                raise ValueError(
+                    f"The reference stage samples num_generations={args.num_generations} reference completions per "
+                    f"prompt of the {dataset_name} dataset, but {needed} reference rewards are needed "
+                    f"({'; '.join(reasons)}): set `num_generations` to at least {needed}."
+                )
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    @staticmethod
+    def _references_needed(args) -> tuple[int, list[str]]:
+        """How many reference rewards each row needs, and why."""
+        reasons = [f"num_ref_rewards={args.num_ref_rewards}" if args.num_ref_rewards else "at least one reference"]
+        if args.transform in MIN_REFERENCES:
+            reasons.append(f"transform={args.transform!r} needs {MIN_REFERENCES[args.transform]}")
+        if args.exclude_self_from_ref:
+            reasons.append("exclude_self_from_ref=True removes one")
+        needed = max(args.num_ref_rewards or 1, MIN_REFERENCES.get(args.transform, 1)) + args.exclude_self_from_ref
+        return needed, reasons
+
     def _check_streamable(self, args, dataset_name):
         if args.transform == "scaled_normal_icdf":
             raise ValueError(
@@ -90,16 +115,10 @@ class QRPOTrainer(PointwiseTrainer):
             self._check_quantile_column(dataset, args, dataset_name)
             return
         ref_rewards = ragged_float_column(dataset, "ref_rewards", dataset_name)
-        needed = max(args.num_ref_rewards or 1, MIN_REFERENCES.get(args.transform, 1))
-        needed += args.exclude_self_from_ref
+        needed, reasons = self._references_needed(args)
         lengths = np.array([len(refs) for refs in ref_rewards])
         short = np.flatnonzero(lengths < needed)
         if short.size:
-            reasons = [f"num_ref_rewards={args.num_ref_rewards}" if args.num_ref_rewards else "at least one reference"]
-            if args.transform in MIN_REFERENCES:
-                reasons.append(f"transform={args.transform!r} needs {MIN_REFERENCES[args.transform]}")
-            if args.exclude_self_from_ref:
-                reasons.append("exclude_self_from_ref=True removes one")
             raise ValueError(
                 f"Column 'ref_rewards' of the {dataset_name} dataset, row {short[0]}: has {lengths[short[0]]} reference "
                 f"rewards, but at least {needed} are needed ({'; '.join(reasons)}). {short.size} rows are short."

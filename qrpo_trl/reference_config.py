@@ -1,8 +1,9 @@
 """Settings of the reference stage: sampling reference completions and scoring completions with reward functions."""
 
 import inspect
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 def field_help(docstring: str) -> dict[str, str]:
@@ -90,8 +91,9 @@ class ReferenceStageFields:
             with `ref_rewards`).
         reference_cache_dir (`str`, *optional*):
             Directory where the stage caches its results, keyed by a fingerprint of the reference model's weights, the
-            tokenizer, the prompts and the columns passed to the reward functions, the sampling settings and the reward
-            functions (weights of reward models; qualified name, source and captured values of callables). If `None`,
+            tokenizer (its vocabulary, template and settings, not its path), the prompts and the columns passed to the
+            reward functions, the sampling settings and the reward functions (weights of reward models; code, captured
+            values and the globals they read of callables, see `qrpo_trl.fingerprint`). If `None`,
             `$HF_HOME/qrpo_trl` (by default `~/.cache/huggingface/qrpo_trl`). Each process writes its results there
             for the others to read: with several machines, it must be on storage they all mount at the same path.
         reference_chunk_size (`int`, *optional*, defaults to `1024`):
@@ -124,6 +126,7 @@ class ReferenceStageFields:
     del _help
 
     def _check_reference_fields(self) -> None:
+        check_finite_settings(self)
         for name in ("num_generations", "max_completion_length", "generation_batch_size", "reference_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
@@ -139,6 +142,16 @@ class ReferenceStageFields:
             )
         if self.vllm_tensor_parallel_size < 1:
             raise ValueError(f"`vllm_tensor_parallel_size` must be >= 1, got {self.vllm_tensor_parallel_size}.")
+
+
+def check_finite_settings(config) -> None:
+    """Every float setting of a config dataclass (its own and inherited ones, and the floats of list settings) must
+    be a finite number: NaN or inf would make every target or weight NaN, not fail."""
+    for field_ in fields(config):
+        value = getattr(config, field_.name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"`{field_.name}` must be a finite number, got {value}.")
 
 
 @dataclass

@@ -24,7 +24,9 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .data_utils import float_column
+from .fingerprint import token_ids_fingerprint
 from .pointwise_collator import sequence_lengths
+from .utils import eval_mode
 
 
 def hash_partitioned_module(module: torch.nn.Module) -> str:
@@ -111,8 +113,12 @@ class ReferenceLogProbsMixin:
                 self.args.logps_normalization, self.args.max_length, self.args.truncation_mode, self._logits_temperature,
                 self.accelerator.mixed_precision,
             )
-            fingerprint = [Hasher.hash((dataset._fingerprint, self._precompute_model_hash, settings))]
-            broadcast_object_list(fingerprint, from_process=0)  # fingerprints may differ across ranks
+            # By content: the dataset's fingerprint covers the tokenizer's path and loading options
+            tokens = None
+            if self.accelerator.is_main_process:
+                tokens = token_ids_fingerprint(dataset, ["prompt_ids", "completion_ids"])
+            fingerprint = [Hasher.hash((tokens, self._precompute_model_hash, settings))]
+            broadcast_object_list(fingerprint, from_process=0)
             cache_dir = os.path.dirname(dataset.cache_files[0]["filename"])
             cache_file = os.path.join(cache_dir, f"qrpo_trl-ref_logps-{fingerprint[0]}.npy")
         cached = [np.load(cache_file) if cache_file and self.accelerator.is_main_process and os.path.exists(cache_file) else None]
@@ -133,8 +139,6 @@ class ReferenceLogProbsMixin:
         )
         dataloader = self.accelerator.prepare(dataloader)
         model = self._reference_inference_model()
-        was_training = model.training
-        model.eval()
         chunks = []
         batches = tqdm(
             iterable=dataloader,
@@ -143,10 +147,12 @@ class ReferenceLogProbsMixin:
         )
         # The log-probs only leave as numbers: no version counters to keep. Activation checkpointing (nothing to
         # re-run without a backward) is switched off once here rather than per batch by `compute_ref_log_probs`
-        with torch.inference_mode(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with (
+            torch.inference_mode(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            eval_mode(model),
+        ):
             for batch in batches:
                 chunks.append(self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch)).cpu())
-        model.train(was_training)
         ref_logps = np.empty(len(dataset))
         ref_logps[order] = torch.cat(chunks).double().numpy()
         if cache_file and self.accelerator.is_main_process:

@@ -6,9 +6,12 @@ import os
 import pytest
 from conftest import make_args, pointwise_rows
 from datasets import Dataset, load_from_disk
+from tokenizers import processors
+from transformers import AutoTokenizer
 from trl import DPOConfig
 
-from qrpo_trl import QRPOConfig, QRPOTrainer, RPOConfig, RPOTrainer
+from qrpo_trl import QRPOConfig, QRPOTrainer, ReferenceConfig, RPOConfig, RPOTrainer, precompute_rewards
+from qrpo_trl.reference_stage import ReferenceStage
 
 
 def build(trainer_class, config_class, path, output_dir, rows, **settings):
@@ -164,3 +167,97 @@ def test_overlong_prompts_are_dropped_and_counted(tiny_llama_path, tmp_path, cap
     assert "1 of 4 samples of the train dataset exceed max_length=5 tokens and are truncated (keep_start)" in caplog.text
     assert set(trainer.train_dataset["prompt"]) == {"hello"}
     trainer.train()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Obscure errors made clear (issue 24): each a ValueError naming the column, row or setting, before anything is written
+
+
+def test_empty_dataset(tiny_llama_path, tmp_path):
+    rows = {key: [] for key in pointwise_rows()}
+    expect_error(QRPOTrainer, QRPOConfig, tiny_llama_path, tmp_path, rows, "The train dataset is empty: it has no rows")
+    with pytest.raises(ValueError, match="The train dataset is empty: it has no rows"):
+        precompute_rewards(Dataset.from_dict({"prompt": []}), tiny_llama_path, length_reward, stage_args(tmp_path))
+
+
+def test_every_row_dropped_by_max_length(tiny_llama_path, tmp_path):
+    match = r"Every sample of the train dataset has a prompt of max_length=2 tokens or more: truncation would leave no completion token"
+    expect_error(QRPOTrainer, QRPOConfig, tiny_llama_path, tmp_path, pointwise_rows(), match, max_length=2)
+
+
+def test_conversational_prompt_with_text_completion(tiny_llama_path, tmp_path):
+    rows = pointwise_rows()
+    rows["prompt"] = [[{"role": "user", "content": prompt}] for prompt in rows["prompt"]]
+    match = r"The train dataset mixes formats: 'prompt' is conversational \(lists of messages\), 'completion' is text"
+    expect_error(QRPOTrainer, QRPOConfig, tiny_llama_path, tmp_path, rows, match)
+
+
+@pytest.mark.parametrize("column", ["prompt", "completion"])
+def test_none_prompt_or_completion(tiny_llama_path, tmp_path, column):
+    rows = pointwise_rows()
+    rows[column][6] = None
+    match = f"Column '{column}' of the train dataset, row 6: expected a text or a list of messages, got None"
+    expect_error(QRPOTrainer, QRPOConfig, tiny_llama_path, tmp_path, rows, match)
+    with pytest.raises(ValueError, match=match):
+        precompute_rewards(Dataset.from_dict(rows).remove_columns("reward"), tiny_llama_path, length_reward, stage_args(tmp_path))
+
+
+def length_reward(completions, **kwargs):
+    return [float(len(completion.split())) for completion in completions]
+
+
+def returns_none(completions, **kwargs):
+    return None
+
+
+def returns_a_scalar(completions, **kwargs):
+    return 1.0
+
+
+def stage_args(tmp_path, **settings):
+    return ReferenceConfig(num_generations=2, max_completion_length=3, reference_cache_dir=str(tmp_path / "cache"), **settings)
+
+
+@pytest.mark.parametrize(
+    "reward_func, returned", [(returns_none, r"None \(NoneType\)"), (returns_a_scalar, r"1.0 \(float\)")]
+)
+def test_reward_function_returning_none_or_a_scalar(tiny_llama_path, tmp_path, reward_func, returned):
+    match = (
+        f"Reward function '{reward_func.__name__}' returned {returned} for the 4 completions of rows 0 to 1 of the "
+        "train dataset: it must return a list of one reward per completion"
+    )
+    with pytest.raises(ValueError, match=match):
+        precompute_rewards(Dataset.from_dict({"prompt": ["hi", "hello"]}), tiny_llama_path, reward_func, stage_args(tmp_path))
+
+
+@pytest.mark.parametrize("prompts", [["hi", "hello", ""], [""]], ids=["among-others", "alone"])
+def test_empty_prompt_in_the_reference_stage(tiny_llama_path, tmp_path, prompts):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")  # no BOS: "" has no token
+    assert tokenizer("")["input_ids"] == []
+    dataset = Dataset.from_dict({"prompt": prompts})
+    match = rf"Column 'prompt' of the train dataset, row {len(prompts) - 1}: the prompt is empty \('' has no token\)"
+    with pytest.raises(ValueError, match=match):
+        precompute_rewards(dataset, tiny_llama_path, length_reward, stage_args(tmp_path), processing_class=tokenizer)
+
+
+def test_num_ref_rewards_above_num_generations_fails_before_the_stage(tiny_llama_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(ReferenceStage, "run", lambda *args: pytest.fail("the reference stage ran"))
+    args = make_args(QRPOConfig, tmp_path / "out", num_generations=4, num_ref_rewards=6, reference_cache_dir=str(tmp_path / "cache"))
+    match = (
+        r"The reference stage samples num_generations=4 reference completions per prompt of the train dataset, but 6 "
+        r"reference rewards are needed \(num_ref_rewards=6\): set `num_generations` to at least 6"
+    )
+    with pytest.raises(ValueError, match=match):
+        QRPOTrainer(model=tiny_llama_path, args=args, train_dataset=Dataset.from_dict({"prompt": ["hi"]}), reward_funcs=length_reward)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_nonexistent_model_path(tmp_path):
+    path = str(tmp_path / "no" / "such-model")
+    match = f"`model` '{path}': no such directory. A model is a local directory"
+    expect_error(QRPOTrainer, QRPOConfig, path, tmp_path, pointwise_rows(), match)
+    with pytest.raises(ValueError, match=match):
+        precompute_rewards(Dataset.from_dict({"prompt": ["hi"]}), path, length_reward, stage_args(tmp_path))
+    with pytest.raises(ValueError, match=f"`reward_funcs` '{path}': no such directory"):
+        precompute_rewards(Dataset.from_dict({"prompt": ["hi"]}), path, path, stage_args(tmp_path))

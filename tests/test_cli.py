@@ -231,3 +231,36 @@ def test_load_datasets(tmp_path):
     assert len(load_datasets(ScriptArguments(), mixture)["train"]) == 2 * len(rows["reward"])
     with pytest.raises(ValueError, match="No dataset: set `dataset_name`"):
         load_datasets(ScriptArguments(), DatasetMixtureConfig())
+
+
+def test_broken_yaml_config_is_one_line(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("beta: 0.1\nlearning_rate: [1e-5\n  output_dir: x\n")
+    line = fails(["qrpo", "--config", str(path)], capsys, code=2)
+    assert line == (
+        "qrpo-trl qrpo: error: the config file is not valid YAML: while parsing a flow sequence in "
+        f"\"{path}\", line 2, column 16 expected ',' or ']', but got ':' in \"{path}\", line 3, column 13"
+    )
+
+
+def test_empty_data_file(recipe, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    line = fails(["qrpo", "--config", recipe(dataset_name=str(tmp_path / "empty.jsonl"))], capsys, code=1)
+    assert line == f"qrpo-trl qrpo: error: dataset file {tmp_path}/empty.jsonl is empty: it has no rows."
+
+
+def test_nonexistent_model_path(recipe, tmp_path, capsys):
+    path = str(tmp_path / "models" / "tiny")
+    line = fails(["rpo", "--config", recipe(model_name_or_path=path)], capsys, code=1)
+    assert line.startswith(f"qrpo-trl rpo: error: `model` '{path}': no such directory. A model is a local directory")
+
+
+def test_errors_that_are_not_bad_input_keep_their_type_and_origin(recipe, monkeypatch):
+    import qrpo_trl.scripts.qrpo
+
+    def bug(*dataclasses):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(qrpo_trl.scripts.qrpo, "main", bug)
+    with pytest.raises(TypeError, match="unsupported operand"):  # its traceback, not one line without context
+        main(["qrpo", "--config", recipe()])

@@ -22,10 +22,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from qrpo_trl import QRPOConfig, QRPOTrainer, ReferenceConfig, RPOConfig, RPOTrainer, precompute_rewards
 from qrpo_trl import cli
+from qrpo_trl.reference_stage import RewardFunctions, storage
 
 
 PROMPTS = ["what is the sky", "tell me about the sea", "hello", "tell me about the grass", "what is one two"]
-# The behaviour of `flaky_length_reward`, which tests change between runs without changing the function's identity
+# Calls of reward functions counted, and made to fail after some, by `count_reward_calls`: outside the functions, whose
+# fingerprint (the cache key) covers the globals they read
 FAILURE = {"after_calls": None}
 CALLS = {"reward": 0, "generate": 0}
 
@@ -34,17 +36,25 @@ def length_reward(completions, **kwargs):
     return [float(len(completion.split())) for completion in completions]
 
 
-def flaky_length_reward(completions, **kwargs):
-    CALLS["reward"] += 1
-    if FAILURE["after_calls"] is not None and CALLS["reward"] > FAILURE["after_calls"]:
-        raise ConnectionError("judge unavailable")
-    return length_reward(completions)
+flaky_length_reward = length_reward  # the reward function that tests make fail through FAILURE
 
 
 @pytest.fixture(autouse=True)
-def reset_counters():
+def count_reward_calls(monkeypatch):
     FAILURE["after_calls"] = None
     CALLS.update(reward=0, generate=0)
+    call = RewardFunctions._call
+
+    def counted_call(func, *args):
+        def counted(**kwargs):
+            CALLS["reward"] += 1
+            if FAILURE["after_calls"] is not None and CALLS["reward"] > FAILURE["after_calls"]:
+                raise ConnectionError("judge unavailable")
+            return func(**kwargs)
+
+        return call(counted, *args)
+
+    monkeypatch.setattr(RewardFunctions, "_call", staticmethod(counted_call))
 
 
 def count_generate_calls(model):
@@ -263,7 +273,7 @@ def test_interrupted_run_resumes_after_the_last_chunk(model, tokenizer, tmp_path
     dataset = completions_dataset()
     args = reference_args(tmp_path, reference_chunk_size=3)
     FAILURE["after_calls"] = 2
-    with pytest.raises(RuntimeError, match=r"Reward function 'flaky_length_reward' raised ConnectionError on the completions of rows \d+ to \d+ of the train dataset: judge unavailable"):
+    with pytest.raises(RuntimeError, match=r"Reward function 'length_reward' raised ConnectionError on the completions of rows \d+ to \d+ of the train dataset: judge unavailable"):
         precompute_rewards(dataset, model, flaky_length_reward, args, processing_class=tokenizer)
     scoring_dir = glob.glob(str(tmp_path / "cache" / "scoring-*"))[0]
     # The two completed chunks, no partial file
@@ -363,8 +373,10 @@ def test_damaged_cache_files_are_recomputed(model, tokenizer, tmp_path, caplog):
         file.write(b"\0" * 8)
     with open(output, "wb") as file:
         file.write(b"not an arrow file")
-    # What a run killed while writing leaves
-    (tmp_path / "cache" / os.path.basename(os.path.dirname(sampling[0])) / ".tmp-0123").write_bytes(b"\0" * 100)
+    # What a run killed while writing leaves: the temporary file of a process that is gone
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with open(storage.temporary_path(os.path.dirname(sampling[0]), pid=int(finished.stdout)), "wb") as file:
+        file.write(b"\0" * 100)
 
     CALLS.update(reward=0, generate=0)
     again = precompute_rewards(dataset, model, flaky_length_reward, args, processing_class=tokenizer)
@@ -378,8 +390,6 @@ def test_damaged_cache_files_are_recomputed(model, tokenizer, tmp_path, caplog):
 
 
 def test_full_disk_is_a_clear_error(model, tokenizer, tmp_path, monkeypatch):
-    from qrpo_trl.reference_stage import storage
-
     def full_disk(self, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

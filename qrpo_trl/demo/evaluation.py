@@ -18,6 +18,7 @@ from trl.trainer.utils import pad
 from ..reference_config import ReferenceConfig
 from ..reference_stage import completion_seed, generate_completions
 from ..tokenization import tokenize_prompts
+from ..utils import eval_mode
 from .task import WORD, Rules, completion_text, constraint_reward, gate
 
 
@@ -97,34 +98,33 @@ def kl_to_reference(model, samples: Dataset, pad_token_id: int, batch_size: int 
     ]
     result = {"kl": np.zeros(len(sequences)), "log_ratio": np.zeros(len(sequences))}
     result["num_tokens"] = np.array([len(ids) - start for ids, start in sequences], dtype=np.float64)
-    was_training = model.training
-    model.eval()
-    order = np.argsort([-len(ids) for ids, _ in sequences], kind="stable")
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        input_ids = pad([torch.tensor(sequences[i][0]) for i in batch], pad_token_id, padding_side="right")
-        attention_mask = pad([torch.ones(len(sequences[i][0]), dtype=torch.long) for i in batch], 0, "right")
-        # Position t predicts token t + 1: the mask selects the predictions of the sampled completion tokens
-        predicts_completion = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.bool)
-        for row, i in enumerate(batch):
-            predicts_completion[row, sequences[i][1] - 1 : len(sequences[i][0]) - 1] = True
-        row_of_token = predicts_completion.nonzero()[:, 0]
-        sampled = input_ids[:, 1:][predicts_completion]
+    with eval_mode(model):
+        order = np.argsort([-len(ids) for ids, _ in sequences], kind="stable")
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            input_ids = pad([torch.tensor(sequences[i][0]) for i in batch], pad_token_id, padding_side="right")
+            attention_mask = pad([torch.ones(len(sequences[i][0]), dtype=torch.long) for i in batch], 0, "right")
+            # Position t predicts token t + 1: the mask selects the predictions of the sampled completion tokens
+            predicts_completion = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.bool)
+            for row, i in enumerate(batch):
+                predicts_completion[row, sequences[i][1] - 1 : len(sequences[i][0]) - 1] = True
+            row_of_token = predicts_completion.nonzero()[:, 0]
+            sampled = input_ids[:, 1:][predicts_completion]
 
-        def next_token_logps():
-            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
-            # float64: the KL of two nearly equal distributions is a small difference of large terms
-            return logits[:, :-1][predicts_completion.to(model.device)].cpu().double().log_softmax(-1)
+            def next_token_logps():
+                inputs = {"input_ids": input_ids.to(model.device), "attention_mask": attention_mask.to(model.device)}
+                logits = model(**inputs).logits
+                # float64: the KL of two nearly equal distributions is a small difference of large terms
+                return logits[:, :-1][predicts_completion.to(model.device)].cpu().double().log_softmax(-1)
 
-        policy_logps = next_token_logps()
-        with model.disable_adapter():
-            reference_logps = next_token_logps()
-        token_kl = (policy_logps.exp() * (policy_logps - reference_logps)).sum(-1)
-        token_log_ratio = (policy_logps - reference_logps).gather(-1, sampled[:, None])[:, 0]
-        for key, values in (("kl", token_kl), ("log_ratio", token_log_ratio)):
-            per_row = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, row_of_token, values)
-            result[key][batch] = per_row.numpy()
-    model.train(was_training)
+            policy_logps = next_token_logps()
+            with model.disable_adapter():
+                reference_logps = next_token_logps()
+            token_kl = (policy_logps.exp() * (policy_logps - reference_logps)).sum(-1)
+            token_log_ratio = (policy_logps - reference_logps).gather(-1, sampled[:, None])[:, 0]
+            for key, values in (("kl", token_kl), ("log_ratio", token_log_ratio)):
+                per_row = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, row_of_token, values)
+                result[key][batch] = per_row.numpy()
     return result
 
 

@@ -4,21 +4,28 @@ cache key, and scoring with errors that name the function and the dataset rows.
 """
 
 import functools
-import inspect
 import json
 import math
+import uuid
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list
 from datasets.fingerprint import Hasher
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl.data_utils import apply_chat_template, is_conversational
 from trl.trainer.utils import get_callable_name, get_config_model_id, hash_module
 
+from ..fingerprint import UnreliableFingerprint, callable_fingerprint, tokenizer_fingerprint
 from ..tokenization import with_pad_token
+from ..utils import check_model_path, eval_mode
+
+
+logger = get_logger(__name__)
 
 
 RewardFunc = str | PreTrainedModel | Callable[..., list]
@@ -70,12 +77,26 @@ class RewardFunctions:
 
     @functools.cached_property
     def fingerprint(self) -> str:
+        """
+        The reward functions' part of the cache key: reward models by their weights and tokenizer, callables by
+        `callable_fingerprint`. A callable whose fingerprint cannot be trusted gets a key of its own for this run, the
+        same on every process: its rewards are computed again, never taken from an earlier run.
+        """
         identities = []
-        for func, processing_class in zip(self.funcs, self.processing_classes, strict=True):
+        for func, name, processing_class in zip(self.funcs, self.names, self.processing_classes, strict=True):
             if isinstance(func, nn.Module):
-                identities.append(("model", hash_module(func), Hasher.hash(processing_class)))
-            else:
-                identities.append(("callable", _callable_fingerprint(func)))
+                identities.append(("model", hash_module(func), tokenizer_fingerprint(processing_class)))
+                continue
+            try:
+                identities.append(("callable", callable_fingerprint(func)))
+            except UnreliableFingerprint as error:
+                logger.warning(
+                    f"The reward function '{name}' cannot be fingerprinted reliably ({error}): its rewards are computed "
+                    "again on every run rather than read from the cache."
+                )
+                run_token = [uuid.uuid4().hex]
+                broadcast_object_list(run_token, from_process=0)
+                identities.append(("this run only", run_token[0]))
         return Hasher.hash((identities, self.weights))
 
     def __call__(
@@ -110,6 +131,11 @@ class RewardFunctions:
             raise RuntimeError(
                 f"Reward function '{name}' raised {type(error).__name__} on the completions of {where}: {error}"
             ) from error
+        if output is None or isinstance(output, (str, bytes, dict)) or not hasattr(output, "__len__"):
+            raise ValueError(
+                f"Reward function '{name}' returned {repr(output)[:80]} ({type(output).__name__}) for the "
+                f"{len(completions)} completions of {where}: it must return a list of one reward per completion."
+            )
         output = list(output)
         if len(output) != len(completions):
             raise ValueError(
@@ -126,6 +152,7 @@ class RewardFunctions:
 
 
 def _load_reward_model(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
+    check_model_path(path, "reward_funcs")
     try:
         # Custom-code reward models (ArmoRM, the QRPO paper's) load through their `auto_map` with trust_remote_code
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -141,32 +168,6 @@ def _load_reward_model(path: str, trust_remote_code: bool = False) -> PreTrained
     return model.to(PartialState().device).eval()
 
 
-def _callable_fingerprint(func) -> str:
-    """
-    Qualified name, source (bytecode if it has none) and bound or captured values of a callable (values that cannot be
-    pickled count by their `repr`). The globals it reads are not part of it.
-    """
-    if isinstance(func, functools.partial):
-        return _hash((_callable_fingerprint(func.func), func.args, func.keywords))
-    code_owner = func if inspect.isfunction(func) or inspect.ismethod(func) else type(func).__call__
-    try:
-        code = inspect.getsource(code_owner)
-    except (OSError, TypeError):
-        code = getattr(getattr(code_owner, "__code__", None), "co_code", b"")
-    function = getattr(code_owner, "__func__", code_owner)
-    captured = [cell.cell_contents for cell in getattr(function, "__closure__", None) or ()]
-    instance = None if inspect.isfunction(func) else getattr(func, "__self__", func)  # a bound method's or a callable's
-    qualname = getattr(func, "__qualname__", type(func).__qualname__)
-    return _hash((getattr(func, "__module__", None), qualname, code, captured, getattr(instance, "__dict__", None)))
-
-
-def _hash(value) -> str:
-    try:
-        return Hasher.hash(value)
-    except Exception:  # not picklable
-        return Hasher.hash(repr(value))
-
-
 @torch.inference_mode()
 def _reward_model_scores(model, processing_class, prompts, completions, batch_size) -> np.ndarray:
     if is_conversational({"prompt": prompts[0]}):
@@ -178,19 +179,17 @@ def _reward_model_scores(model, processing_class, prompts, completions, batch_si
         texts = [prompt + completion for prompt, completion in zip(prompts, completions, strict=True)]
     rewards = np.empty(len(texts), dtype=np.float64)
     order = np.argsort([-len(text) for text in texts], kind="stable")  # similar lengths together: less padding
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(texts), batch_size):
-        batch = order[start : start + batch_size]
-        inputs = processing_class(
-            text=[texts[i] for i in batch], return_tensors="pt", padding=True, padding_side="right",
-            add_special_tokens=False,
-        ).to(model.device)
-        outputs = model(**inputs)
-        # Custom-code reward models such as ArmoRM return their reward as `score` (and no `logits`)
-        scores = outputs.score if getattr(outputs, "score", None) is not None else outputs.logits
-        rewards[batch] = scores.reshape(len(batch), -1)[:, 0].double().cpu().numpy()
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(texts), batch_size):
+            batch = order[start : start + batch_size]
+            inputs = processing_class(
+                text=[texts[i] for i in batch], return_tensors="pt", padding=True, padding_side="right",
+                add_special_tokens=False,
+            ).to(model.device)
+            outputs = model(**inputs)
+            # Custom-code reward models such as ArmoRM return their reward as `score` (and no `logits`)
+            scores = outputs.score if getattr(outputs, "score", None) is not None else outputs.logits
+            rewards[batch] = scores.reshape(len(batch), -1)[:, 0].double().cpu().numpy()
     return rewards
 
 

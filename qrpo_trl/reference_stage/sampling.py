@@ -19,6 +19,7 @@ from transformers import (
 from trl.trainer.utils import pad
 
 from ..reference_config import ReferenceStageFields
+from ..utils import eval_mode
 
 
 class PerSequenceSampler(LogitsProcessor):
@@ -81,12 +82,17 @@ def generate_completions(
     return [ids.tolist() for ids in completions]
 
 
-@torch.no_grad()
 def generate_completion_arrays(
     model, processing_class, prompt_ids: list[list[int]], seeds: list[int], args: ReferenceStageFields,
     progress: Callable[[int, int], None] = lambda completions, tokens: None,
 ) -> list[np.ndarray]:
     """[`generate_completions`], each completion's ids as a NumPy array (no Python object per token)."""
+    with eval_mode(model):
+        return _generate_completion_arrays(model, processing_class, prompt_ids, seeds, args, progress)
+
+
+@torch.no_grad()
+def _generate_completion_arrays(model, processing_class, prompt_ids, seeds, args, progress) -> list[np.ndarray]:
     is_encoder_decoder = model.config.is_encoder_decoder
     padding_side = "right" if is_encoder_decoder else "left"
     eos_ids = eos_token_ids(model, processing_class)
@@ -107,8 +113,6 @@ def generate_completion_arrays(
         warpers.append(TopPLogitsWarper(args.top_p))
     completions = [None] * len(prompt_ids)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    was_training = model.training
-    model.eval()
     for start in range(0, len(order), args.generation_batch_size):
         batch = order[start : start + args.generation_batch_size]
         input_ids, attention_mask = _padded([prompt_ids[i] for i in batch], processing_class.pad_token_id, padding_side)
@@ -125,7 +129,6 @@ def generate_completion_arrays(
         for i, ids, length in zip(batch, generated.cpu().numpy(), lengths, strict=True):
             completions[i] = ids[:length]
         progress(len(batch), sum(lengths))
-    model.train(was_training)
     return completions
 
 

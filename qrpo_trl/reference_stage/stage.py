@@ -26,8 +26,10 @@ from trl.data_utils import extract_prompt, is_conversational
 from trl.trainer.utils import create_model_from_path, get_config_model_id, hash_module
 
 from ..data_utils import PAIRED_COLUMNS, PAIRED_REWARD_COLUMNS, check_stage_columns, paired_reward_columns
+from ..fingerprint import tokenizer_fingerprint
 from ..reference_config import ReferenceConfig, ReferenceStageFields
 from ..tokenization import template_kwargs, tokenize_pairs, tokenize_prompts, with_pad_token
+from ..utils import check_model_path
 from .columns import StageResults, open_columns, write_columns
 from .storage import ChunkStore, check_shared, schema_metadata
 from .rewards import RewardFunc, RewardFunctions
@@ -108,6 +110,7 @@ def precompute_rewards(
         reward_funcs, reward_processing_classes, args.reward_weights, args.reward_model_trust_remote_code
     )
     if isinstance(model, str):
+        check_model_path(model, "model")
         model = create_model_from_path(model).to(PartialState().device)
     if processing_class is None:
         processing_class = AutoTokenizer.from_pretrained(get_config_model_id(model.config))
@@ -168,7 +171,7 @@ class ReferenceStage:
         kwarg_columns = [column for column in columns if column not in _STAGE_COLUMNS]
         rows = dataset.select_columns(["prompt", *(column for column, _ in to_score), *kwarg_columns])
         conversational = is_conversational({"prompt": rows[0]["prompt"]})
-        groups = _Groups.scan(self, rows, to_score, kwarg_columns, sample, conversational)
+        groups = _Groups.scan(self, rows, to_score, kwarg_columns, sample, conversational, dataset_name)
         # From the data, not `dataset._fingerprint`, which can differ between processes: they must share the file
         output_key = _key(
             groups.scoring_key, Hasher.hash(dataset.features), prompt_only, sample and add_ref_rewards,
@@ -423,9 +426,12 @@ class _Groups:
         return self.prompt_array(group).tolist()
 
     @classmethod
-    def scan(cls, stage: "ReferenceStage", rows: Dataset, to_score, kwarg_columns, sample: bool, conversational: bool):
+    def scan(
+        cls, stage: "ReferenceStage", rows: Dataset, to_score, kwarg_columns, sample: bool, conversational: bool,
+        dataset_name: str,
+    ):
         args = stage.args
-        tokenizer_hash = Hasher.hash(stage.processing_class)
+        tokenizer_hash = tokenizer_fingerprint(stage.processing_class)
         names = ["num_generations", "max_completion_length", "temperature", "top_p", "top_k", "seed", "use_vllm"]
         # vLLM's kernels differ with tensor parallelism and compilation (other sums, other samples)
         names += ["vllm_tensor_parallel_size", "vllm_enforce_eager"] if args.use_vllm else []
@@ -461,7 +467,13 @@ class _Groups:
                     stage.processing_class, [batch["prompt"][i] for i in new_rows], stage.is_encoder_decoder,
                     [kwargs[i] for i in new_rows],
                 )
-                for prompt_ids in ids:
+                for row, prompt_ids in zip(new_rows, ids, strict=True):
+                    if not prompt_ids:
+                        raise ValueError(
+                            f"Column 'prompt' of the {dataset_name} dataset, row {start + row}: the prompt is "
+                            f"empty ({batch['prompt'][row]!r} has no token), and the reference model needs at least one "
+                            "token to sample a completion from."
+                        )
                     values = np.asarray(prompt_ids, dtype=np.int64)
                     _update(sampling_hash, values.tobytes())
                     prompt_values.append(values)

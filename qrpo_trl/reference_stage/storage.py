@@ -1,13 +1,16 @@
 """
-The reference stage's cache on disk: each pass keeps its results in a directory of chunk files, one per range of
-units, written by the process that computed them.
+The reference stage's cache on disk: each pass keeps its results in a directory of chunk files, one per range of units,
+written by the process that computed them.
 
 A chunk file is an Arrow IPC stream (the format `datasets` memory-maps), named `chunk-START-STOP-DIGEST.arrow` by its
 range of units and the BLAKE2b digest of its bytes. It is written to a temporary file, flushed to disk and renamed into
-place, so a killed run leaves no partial file under a chunk's name; and a file is used only if its bytes still match
-its digest and it holds the expected rows and columns, so a file damaged anyway (a file system without atomic rename, a
-disk that filled up) is recomputed with a warning, never silently used. The main process checks the files; the other
-processes get from it only which chunks are missing, and read the files themselves: no result crosses processes.
+place, so a killed run leaves no partial file under a chunk's name; and a file is used only if its bytes still match its
+digest and it holds the expected rows and columns, so a file damaged anyway (a file system without atomic rename, a disk
+that filled up) is recomputed with a warning, never silently used. Temporary files are named after the process that
+writes them (its id and machine): a run removes those of runs that are over (a process of this machine that is gone, or
+a file untouched for a day), never those of a concurrent run on the same directory, on this machine or another. The main
+process checks the files; the other processes get from it only which chunks are missing, and read the files themselves:
+no result crosses processes.
 """
 
 import bisect
@@ -15,6 +18,7 @@ import errno
 import hashlib
 import os
 import re
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +35,11 @@ logger = get_logger(__name__)
 
 _CHUNK_FILE = re.compile(r"chunk-(\d+)-(\d+)-([0-9a-f]{32})\.arrow")
 _TEMPORARY_PREFIX = ".tmp-"
+# A temporary file's name says which process writes it: `.tmp-PID-UNIQUE-HOSTNAME`
+_TEMPORARY_FILE = re.compile(r"\.tmp-(\d+)-[0-9a-f]{32}-(.+)")
+# A leftover temporary file of a process on another machine (whose liveness cannot be checked), or of an unknown
+# process, is removed once untouched for this long: a writing process writes to its file at least every batch
+STALE_TEMPORARY_SECONDS = 24 * 3600
 
 
 def _digest():
@@ -93,7 +102,8 @@ class ChunkStore:
         for name in sorted(os.listdir(self.directory)):
             path = os.path.join(self.directory, name)
             if name.startswith(_TEMPORARY_PREFIX):
-                _remove(path)  # left by a killed run: only the main process removes, before anyone writes
+                if _is_abandoned(name, path):
+                    _remove(path)  # left by a killed run: only the main process removes, before anyone writes
                 continue
             match = _CHUNK_FILE.fullmatch(name)
             if match is None:
@@ -151,7 +161,7 @@ class ChunkStore:
             **(schema.metadata or {}), "process_index": str(self.state.process_index),
             "num_processes": str(self.state.num_processes),
         })
-        temporary = os.path.join(self.directory, f"{_TEMPORARY_PREFIX}{uuid.uuid4().hex}")
+        temporary = temporary_path(self.directory)
         try:
             with open(temporary, "wb") as file:
                 sink = _HashingFile(file)
@@ -246,6 +256,38 @@ def schema_metadata(schema: pa.Schema) -> dict[str, str]:
     return {key.decode(): value.decode() for key, value in (schema.metadata or {}).items()}
 
 
+def temporary_path(directory: str, pid: int | None = None, host: str | None = None) -> str:
+    """A new temporary file's path in `directory`, named after the process that writes it (this one by default)."""
+    pid = os.getpid() if pid is None else pid
+    host = socket.gethostname() if host is None else host
+    return os.path.join(directory, f"{_TEMPORARY_PREFIX}{pid}-{uuid.uuid4().hex}-{host}")
+
+
+def _is_abandoned(name: str, path: str) -> bool:
+    """
+    Whether a temporary file was left by a run that is over: the cache directory may be shared by concurrent runs, on
+    this machine or others (each writes its own files). A file of a process of this machine is abandoned when that
+    process is gone; any other when it has not been written to for `STALE_TEMPORARY_SECONDS`.
+    """
+    match = _TEMPORARY_FILE.fullmatch(name)
+    if match is not None and match[2] == socket.gethostname():
+        return not _is_alive(int(match[1]))
+    try:
+        return time.time() - os.path.getmtime(path) > STALE_TEMPORARY_SECONDS
+    except FileNotFoundError:  # renamed or removed by its writer meanwhile
+        return False
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal sent: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _remove(path: str) -> None:
     try:
         os.remove(path)
@@ -262,7 +304,7 @@ def check_shared(directory: str, state: PartialState) -> None:
         return
     token = [uuid.uuid4().hex if state.is_main_process else None]
     broadcast_object_list(token, from_process=0)
-    marker = os.path.join(directory, f"{_TEMPORARY_PREFIX}shared-{token[0]}")
+    marker = os.path.join(directory, f"{_TEMPORARY_PREFIX}shared-{token[0]}")  # removed by its run only: not abandoned
     if state.is_main_process:
         os.makedirs(directory, exist_ok=True)
         open(marker, "w").close()

@@ -90,10 +90,12 @@ def _local_paths(dataclasses) -> list[str]:
 
 
 def check_local_datasets(dataclasses) -> None:
-    """Raise a FileNotFoundError naming the first local dataset path of the parsed arguments that does not exist."""
+    """Raise an error naming the first local dataset path of the parsed arguments that does not exist, or is empty."""
     for path in _local_paths(dataclasses):
         if not os.path.exists(os.path.expanduser(path)):
             raise FileNotFoundError(f"dataset file not found: {path}")
+        if os.path.isfile(os.path.expanduser(path)) and os.path.getsize(os.path.expanduser(path)) == 0:
+            raise ValueError(f"dataset file {path} is empty: it has no rows.")
 
 
 def load_datasets(script_args, dataset_args):
