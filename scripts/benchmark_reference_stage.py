@@ -93,8 +93,8 @@ def run_size(cli) -> dict:
         return sequences
 
     model.generate = instant_generate
-    # Generation computes each prompt once with the model's forward pass (a real one, of this 1-layer model)
-    model.forward = timed(model.forward, "generate")
+    # Generation computes each prompt once with the decoder's forward pass (a real one, of this 1-layer model)
+    model.model.forward = timed(model.model.forward, "generate")
     ReferenceStage._decode = timed(ReferenceStage._decode, "decode")
 
     def num_words(completions, **kwargs):

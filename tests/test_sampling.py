@@ -65,7 +65,7 @@ class PromptRows:
 
     def __init__(self, model):
         self.rows = 0
-        module = model.get_encoder() if model.config.is_encoder_decoder else model
+        module = model.get_encoder() if model.config.is_encoder_decoder else model.get_decoder()
         forward = module.forward
 
         def counted(*args, **kwargs):

@@ -179,7 +179,8 @@ def _computed_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     prefix_mask = attention_mask[:, :-1]
     # The positions `generate` gives a left-padded prompt: count of the tokens before, 0 on the padding
     position_ids = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = model(
+    # The decoder stack alone: the prompt's logits are not needed (its last token's are `generate`'s first step)
+    cache = model.get_decoder()(
         input_ids=input_ids[:, :-1], attention_mask=prefix_mask, position_ids=position_ids, use_cache=True
     ).cache
     cache.batch_select_indices(rows)
