@@ -271,7 +271,7 @@ class ReferenceStage:
                 sampled = sampling.read_units(start, min(stop, num_sampled), ["completion_ids", "completion"])
                 texts = sampled["completion"].to_pylist()
                 completions += [[{"role": "assistant", "content": text}] for text in texts] if conversational else texts
-                completion_ids += sampled["completion_ids"].to_pylist()
+                completion_ids += _id_lists(sampled["completion_ids"])
                 unit_rows += groups.first_rows[np.arange(start, min(stop, num_sampled)) // n].tolist()
             for i, (column, _) in enumerate(to_score):
                 first = num_sampled + i * num_rows
@@ -468,6 +468,16 @@ class _Groups:
         np.cumsum(prompt_lengths, out=offsets[1:])
         values = np.concatenate(prompt_values) if prompt_values else np.zeros(0, dtype=np.int64)
         return cls(of_row, np.asarray(first_rows, dtype=np.int64), values, offsets, sampling_key, scoring_key)
+
+
+def _id_lists(column: pa.ChunkedArray) -> list[list[int]]:
+    """A list column of token ids as Python lists, a row at a time through NumPy (Arrow's `to_pylist` converts each id
+    on its own)."""
+    lists = []
+    for chunk in column.chunks:
+        values, offsets = chunk.values.to_numpy(), chunk.offsets.to_numpy()  # both ignore the chunk's slicing offset
+        lists += [values[start:stop].tolist() for start, stop in zip(offsets[:-1], offsets[1:], strict=True)]
+    return lists
 
 
 def _update(hasher, data: str | bytes) -> None:
