@@ -105,7 +105,8 @@ def bare_generate(model, tokenizer, prompt_ids, cli) -> list[int]:
     padding_side = "right" if model.config.is_encoder_decoder else "left"
     lengths = []
     for start in range(0, len(prompt_ids), prompts_per_batch):
-        input_ids, attention_mask = _padded(prompt_ids[start : start + prompts_per_batch], tokenizer.pad_token_id, padding_side)
+        batch = prompt_ids[start : start + prompts_per_batch]
+        input_ids, attention_mask = _padded(batch, tokenizer.pad_token_id, padding_side)
         sequences = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
             num_return_sequences=cli.num_generations, max_new_tokens=cli.max_completion_length,

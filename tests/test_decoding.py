@@ -77,7 +77,8 @@ def test_clean_up_is_applied_where_the_tokenizer_asks_for_it():
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", clean_up_tokenization_spaces=True)
     ids = tokenizer(text="hi, what is it?")["input_ids"]
-    assert decode_texts(tokenizer, [ids]) == tokenizer.batch_decode([ids], skip_special_tokens=True) == ["hi, what is it?"]
+    expected = tokenizer.batch_decode([ids], skip_special_tokens=True)
+    assert decode_texts(tokenizer, [ids]) == expected == ["hi, what is it?"]
 
 
 @pytest.mark.parametrize("name", ["word-level", "sentencepiece-like", "byte-level-bpe", "python-byt5"])

@@ -18,7 +18,9 @@ from qrpo_trl import ReferenceConfig
 from qrpo_trl.reference_stage import PerSequenceSampler, completion_seed, generate_completions
 
 
-PROMPTS = ["", "hi", "what is the sky", "tell me about the sea please", "hello", "tell me about the grass one two three"]
+PROMPTS = [
+    "", "hi", "what is the sky", "tell me about the sea please", "hello", "tell me about the grass one two three"
+]
 SAMPLING = {
     "T=1": dict(temperature=1.0),
     "T=0.7,top-k,top-p": dict(temperature=0.7, top_k=20, top_p=0.9),
@@ -61,7 +63,7 @@ def tiny_model(kind):
 
 
 class PromptRows:
-    """Counts the prompt rows the model computes: encoder rows, or the rows of decoder calls that start without a cache."""
+    """The prompt rows the model computes: encoder rows, or the rows of decoder calls that start without a cache."""
 
     def __init__(self, model):
         self.rows = 0
