@@ -1,3 +1,5 @@
+import textwrap
+
 import numpy as np
 from accelerate.logging import get_logger
 
@@ -46,7 +48,18 @@ class RPOTrainer(PointwiseTrainer):
     _metric_columns = ("value",)
     _tag_names = ["trl", "rpo"]
     _name = "RPO"
-    _paper = {"title": "Value-Free Policy Optimization via Reward Partitioning"}
+    _paper = {
+        "title": "Value-Free Policy Optimization via Reward Partitioning",
+        "id": "2506.13702",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{faye2025rpo,
+                title        = {{Value-Free Policy Optimization via Reward Partitioning}},
+                author       = {Bilal Faye and Hanane Azzag and Mustapha Lebbah},
+                year         = 2025,
+                eprint       = {arXiv:2506.13702},
+            }"""),
+    }
 
     @property
     def _target_needs_ref_logps(self):

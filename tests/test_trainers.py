@@ -238,3 +238,13 @@ def test_qrpo_precomputed_quantile_column(tiny_llama_path, tmp_path):
     np.testing.assert_allclose(trainer.train_dataset["target"], np.sqrt([0.75, 0.25]) - beta_log_partition("sqrt", 0.5))
     trainer.train()
     assert_loss_logged(trainer)
+
+
+@METHODS
+def test_model_card_cites_the_method_paper(tiny_llama_path, dataset, tmp_path, trainer_class, config_class):
+    trainer = trainer_class(model=tiny_llama_path, args=make_args(config_class, tmp_path), train_dataset=dataset)
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    arxiv_id = {QRPOTrainer: "2507.08068", RPOTrainer: "2506.13702"}[trainer_class]
+    assert f"https://huggingface.co/papers/{arxiv_id}" in card
+    assert f"eprint       = {{arXiv:{arxiv_id}}}" in card

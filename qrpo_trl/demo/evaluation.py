@@ -17,6 +17,7 @@ from trl.trainer.utils import pad
 
 from ..reference_config import ReferenceConfig
 from ..reference_stage import completion_seed, generate_completions
+from ..reference_stage.decoding import decode_texts
 from ..tokenization import tokenize_prompts
 from ..utils import eval_mode
 from .task import WORD, Rules, completion_text, constraint_reward, gate
@@ -72,7 +73,7 @@ def sample_heldout(model, tokenizer, prompts: Dataset, num_generations: int, con
             model, tokenizer, [ids for ids, _ in units], [seed for _, seed in units], args,
             progress=lambda completions, tokens: bar.update(completions),
         )
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    texts = decode_texts(tokenizer, completion_ids)
     samples = prompts.select([row for row in range(len(prompts)) for _ in range(num_generations)])
     samples = samples.add_column("prompt_ids", [ids for ids, _ in units])
     samples = samples.add_column("completion", [[{"role": "assistant", "content": text}] for text in texts])

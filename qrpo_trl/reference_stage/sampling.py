@@ -72,11 +72,14 @@ def generate_completions(
     progress: Callable[[int, int], None] = lambda completions, tokens: None,
 ) -> list[list[int]]:
     """
-    Sample one completion per prompt with `model.generate`: prompts sorted by length (less padding), batches of
-    `args.generation_batch_size`, each sequence from its own seed (see [`PerSequenceSampler`]). A decoder-only model's
-    prompts are padded on the left and continued; an encoder-decoder model's are its encoder inputs, padded on the
-    right, and the completion is what its decoder generates after the decoder start token. Returns the completion token
-    ids, up to and including the first EOS token.
+    Sample one completion per (prompt, seed) with `model.generate`, each from its own seed (see
+    [`PerSequenceSampler`]): the completions of one prompt share its prefill. Prompts are sorted by length (less
+    padding) and batched with their completions, `args.generation_batch_size` completions per batch; each distinct
+    prompt of a batch is computed once (a decoder-only model's key/value cache, an encoder-decoder model's encoder
+    output) and copied for each of its completions. A decoder-only model's prompts are padded on the left and
+    continued; an encoder-decoder model's are its encoder inputs, padded on the right, and the completion is what its
+    decoder generates after the decoder start token. Returns the completion token ids, up to and including the first
+    EOS token; they do not depend on the batching.
     """
     completions = generate_completion_arrays(model, processing_class, prompt_ids, seeds, args, progress)
     return [ids.tolist() for ids in completions]
@@ -112,24 +115,74 @@ def _generate_completion_arrays(model, processing_class, prompt_ids, seeds, args
     if args.top_p < 1.0:
         warpers.append(TopPLogitsWarper(args.top_p))
     completions = [None] * len(prompt_ids)
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    for start in range(0, len(order), args.generation_batch_size):
-        batch = order[start : start + args.generation_batch_size]
-        input_ids, attention_mask = _padded([prompt_ids[i] for i in batch], processing_class.pad_token_id, padding_side)
+    for batch in _shared_prompt_batches(prompt_ids, args.generation_batch_size):
+        units = [i for shared in batch for i in shared]
+        input_ids, attention_mask = _padded(
+            [prompt_ids[shared[0]] for shared in batch], processing_class.pad_token_id, padding_side
+        )
+        input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
+        # Row of each completion's prompt: a prompt's completions are consecutive
+        rows = torch.repeat_interleave(torch.tensor([len(shared) for shared in batch], device=model.device))
         sequences = model.generate(
-            input_ids=input_ids.to(model.device),
-            attention_mask=attention_mask.to(model.device),
+            input_ids=input_ids[rows],
+            attention_mask=attention_mask[rows],
             generation_config=generation_config,
-            logits_processor=LogitsProcessorList([*warpers, PerSequenceSampler([seeds[i] for i in batch])]),
+            logits_processor=LogitsProcessorList([*warpers, PerSequenceSampler([seeds[i] for i in units])]),
+            **_computed_prompts(model, input_ids, attention_mask, rows),
         )
         # The decoder's output starts with its start token; a decoder-only model's with the (padded) prompt
         generated = sequences[:, 1 if is_encoder_decoder else input_ids.shape[1] :]
         is_eos = torch.isin(generated, torch.tensor(eos_ids, dtype=generated.dtype, device=generated.device))
         lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, generated.shape[1]).tolist()
-        for i, ids, length in zip(batch, generated.cpu().numpy(), lengths, strict=True):
+        for i, ids, length in zip(units, generated.cpu().numpy(), lengths, strict=True):
             completions[i] = ids[:length]
-        progress(len(batch), sum(lengths))
+        progress(len(units), sum(lengths))
     return completions
+
+
+def _shared_prompt_batches(prompt_ids: list[list[int]], batch_size: int):
+    """
+    Batches of `batch_size` completions (indices into `prompt_ids`; the last batch may be smaller), each a list of
+    runs of completions of one prompt: distinct prompts longest first, a prompt's completions together. A prompt whose
+    completions do not fit in what is left of a batch continues in the next one.
+    """
+    completions_of = {}
+    for i, ids in enumerate(prompt_ids):
+        completions_of.setdefault(tuple(ids), []).append(i)
+    batch, size = [], 0
+    for units in sorted(completions_of.values(), key=lambda units: -len(prompt_ids[units[0]])):
+        while units:
+            room = batch_size - size
+            batch.append(units[:room])
+            size, units = size + len(batch[-1]), units[room:]
+            if size == batch_size:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _computed_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor) -> dict:
+    """
+    `generate`'s keyword arguments that hand it each prompt computed once, copied to the rows of its completions: an
+    encoder-decoder model's encoder output; a decoder-only model's key/value cache of all its tokens but the last
+    (`generate` runs the uncached last token, whose logits draw the first completion token).
+    """
+    if model.config.is_encoder_decoder:
+        encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        encoder_outputs.last_hidden_state = encoder_outputs.last_hidden_state[rows]
+        return {"encoder_outputs": encoder_outputs}
+    if input_ids.shape[1] == 1:
+        return {}  # nothing before the last token
+    prefix_mask = attention_mask[:, :-1]
+    # The positions `generate` gives a left-padded prompt: count of the tokens before, 0 on the padding
+    position_ids = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+    # The decoder stack alone: the prompt's logits are not needed (its last token's are `generate`'s first step)
+    cache = model.get_decoder()(
+        input_ids=input_ids[:, :-1], attention_mask=prefix_mask, position_ids=position_ids, use_cache=True
+    ).cache
+    cache.batch_select_indices(rows)
+    return {"cache": cache}
 
 
 def _padded(sequences: list[list[int]], pad_token_id: int, padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:

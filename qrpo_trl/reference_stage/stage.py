@@ -3,7 +3,6 @@
 passes (sampling, scoring) run in chunks over every process, and the join of their results into the dataset.
 """
 
-import functools
 import hashlib
 import json
 import math
@@ -31,6 +30,7 @@ from ..reference_config import ReferenceConfig, ReferenceStageFields
 from ..tokenization import template_kwargs, tokenize_pairs, tokenize_prompts, with_pad_token
 from ..utils import check_model_path
 from .columns import StageResults, open_columns, write_columns
+from .decoding import decode_texts
 from .storage import ChunkStore, check_shared, schema_metadata
 from .rewards import RewardFunc, RewardFunctions
 from .sampling import completion_seeds, eos_token_ids, generate_completion_arrays
@@ -280,7 +280,7 @@ class ReferenceStage:
                 sampled = sampling.read_units(start, min(stop, num_sampled), ["completion_ids", "completion"])
                 texts = sampled["completion"].to_pylist()
                 completions += [[{"role": "assistant", "content": text}] for text in texts] if conversational else texts
-                completion_ids += sampled["completion_ids"].to_pylist()
+                completion_ids += _id_lists(sampled["completion_ids"])
                 unit_rows += groups.first_rows[np.arange(start, min(stop, num_sampled)) // n].tolist()
             for i, (column, _) in enumerate(to_score):
                 first = num_sampled + i * num_rows
@@ -381,23 +381,27 @@ class ReferenceStage:
     ) -> list[str]:
         """
         The text of the completions of a chunk (`len(completions_ids) // len(prompt_ids)` per prompt, prompt after
-        prompt); for conversational prompts, the content of the assistant's message. Token ids are NumPy arrays, which
-        the tokenizer converts at once (lists, it checks token by token).
+        prompt); for conversational prompts, the content of the assistant's message. The ids go to the tokenizer as
+        plain lists (`tolist` converts an array at once), decoded in batches (see [`decode_texts`]).
         """
-        decode = functools.partial(self.processing_class.batch_decode, skip_special_tokens=True)
+        completions = [ids.tolist() for ids in completions_ids]
         if conversational or self.is_encoder_decoder:
             # An encoder-decoder model's decoder target stands alone: the trainers tokenise it apart from the prompt
-            return decode(completions_ids)
+            return decode_texts(self.processing_class, completions)
         # A decoder-only model's text completion continues its prompt: decoded alone, it would lose the leading space
         # that tokenizers such as SentencePiece fold into its first token, and prompt + completion would not be the
         # sampled text
-        per_prompt = len(completions_ids) // len(prompt_ids)
-        prompts = decode(prompt_ids)
-        texts = decode([np.concatenate([prompt_ids[i // per_prompt], ids]) for i, ids in enumerate(completions_ids)])
-        return [
-            text[len(prompts[i // per_prompt]) :] if text.startswith(prompts[i // per_prompt]) else decode([ids])[0]
-            for i, (text, ids) in enumerate(zip(texts, completions_ids, strict=True))
-        ]
+        per_prompt = len(completions) // len(prompt_ids)
+        prompts = [ids.tolist() for ids in prompt_ids]
+        prompt_texts = decode_texts(self.processing_class, prompts)
+        whole = [prompts[i // per_prompt] + ids for i, ids in enumerate(completions)]
+        texts = decode_texts(self.processing_class, whole)
+        # Where the prompt's text is not a prefix of the whole text, the completion decoded alone
+        alone = [i for i, text in enumerate(texts) if not text.startswith(prompt_texts[i // per_prompt])]
+        texts = [text[len(prompt_texts[i // per_prompt]) :] for i, text in enumerate(texts)]
+        for i, text in zip(alone, decode_texts(self.processing_class, [completions[i] for i in alone]), strict=True):
+            texts[i] = text
+        return texts
 
 
 class _Groups:
@@ -487,6 +491,16 @@ class _Groups:
         np.cumsum(prompt_lengths, out=offsets[1:])
         values = np.concatenate(prompt_values) if prompt_values else np.zeros(0, dtype=np.int64)
         return cls(of_row, np.asarray(first_rows, dtype=np.int64), values, offsets, sampling_key, scoring_key)
+
+
+def _id_lists(column: pa.ChunkedArray) -> list[list[int]]:
+    """A list column of token ids as Python lists, a row at a time through NumPy (Arrow's `to_pylist` converts each id
+    on its own)."""
+    lists = []
+    for chunk in column.chunks:
+        values, offsets = chunk.values.to_numpy(), chunk.offsets.to_numpy()  # both ignore the chunk's slicing offset
+        lists += [values[start:stop].tolist() for start, stop in zip(offsets[:-1], offsets[1:], strict=True)]
+    return lists
 
 
 def _update(hasher, data: str | bytes) -> None:
