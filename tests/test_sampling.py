@@ -71,7 +71,8 @@ class PromptRows:
         forward = module.forward
 
         def counted(*args, **kwargs):
-            if model.config.is_encoder_decoder or kwargs.get("cache") is None:
+            # `past_key_values` in the transformers releases before the rename (vLLM's CPU build pins one)
+            if model.config.is_encoder_decoder or kwargs.get("cache", kwargs.get("past_key_values")) is None:
                 self.rows += kwargs["input_ids"].shape[0]
             return forward(*args, **kwargs)
 

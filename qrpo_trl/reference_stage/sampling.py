@@ -4,6 +4,7 @@ ids and the completion's index), with `model.generate` (vLLM's counterpart is in
 """
 
 import hashlib
+import inspect
 from collections.abc import Callable
 
 import numpy as np
@@ -178,11 +179,15 @@ def _computed_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     # The positions `generate` gives a left-padded prompt: count of the tokens before, 0 on the padding
     position_ids = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
     # The decoder stack alone: the prompt's logits are not needed (its last token's are `generate`'s first step)
-    cache = model.get_decoder()(
+    decoder = model.get_decoder()
+    # transformers renamed `past_key_values` to `cache` (in forward, its outputs and `generate`) in 5.2x; vLLM's CPU
+    # build pins an older release
+    key = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    cache = decoder(
         input_ids=input_ids[:, :-1], attention_mask=prefix_mask, position_ids=position_ids, use_cache=True
-    ).cache
+    )[key]
     cache.batch_select_indices(rows)
-    return {"cache": cache}
+    return {key: cache}
 
 
 def _padded(sequences: list[list[int]], pad_token_id: int, padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
