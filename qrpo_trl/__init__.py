@@ -3,6 +3,7 @@
 from .pointwise_collator import DataCollatorForPointwise
 from .pointwise_config import PointwiseConfig
 from .pointwise_trainer import PointwiseTrainer
+from .prompt_grouping import PromptGroupedSampler
 from .qrpo_config import QRPOConfig
 from .qrpo_trainer import QRPOTrainer
 from .reference_config import ReferenceConfig
@@ -17,6 +18,7 @@ __all__ = [
     "DataCollatorForPointwise",
     "PointwiseConfig",
     "PointwiseTrainer",
+    "PromptGroupedSampler",
     "QRPOConfig",
     "QRPOTrainer",
     "ReferenceConfig",
