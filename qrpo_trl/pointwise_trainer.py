@@ -307,6 +307,12 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
                 f"log-probabilities of the whole {dataset_name} dataset are computed before training. Use a map-style "
                 "Dataset or set `precompute_ref_log_probs=False`."
             )
+        if args.group_by_prompt and dataset_name == "train":
+            raise ValueError(
+                "`group_by_prompt=True` samples the prompt groups of the whole training dataset in a random order; a "
+                "streamed dataset is read in its own order. Use a map-style Dataset, or stream the rows of each prompt "
+                "one after the other and set `group_by_prompt=False`."
+            )
         first_row = Dataset.from_list([next(iter(dataset))])
         if "completion_ids" in first_row.column_names:  # already prepared, e.g. handed back to `evaluate()`
             return dataset

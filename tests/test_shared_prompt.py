@@ -25,6 +25,13 @@ def grouped_dataset(num_prompts: int = 4, per_prompt: int = 3) -> Dataset:
     return rows.map(lambda row, i: {"prompt": prompts[i // per_prompt]}, with_indices=True)
 
 
+def segment_positions(batch, sample: int, shared: int, length: int) -> torch.Tensor:
+    """The row positions of a sample's own segment (its tokens after the `shared` ones of its prompt), `length` tokens
+    in all: the shared part counts with the group's first sample, the padding tail (at position 0) with the last."""
+    own = (batch["sample_index"][0] == sample) & (batch["position_ids"][0] >= shared)
+    return own.nonzero().flatten()[: length - shared]
+
+
 @pytest.fixture
 def shared_dataset():
     return grouped_dataset()
@@ -93,10 +100,8 @@ def test_shared_prompt_attention_equals_each_sample_alone(tokenizer, implementat
             logits = model(**model_inputs(batch), use_cache=False).logits[0]
         for i, example in enumerate(examples):
             alone = model(input_ids=torch.tensor([example["prompt_ids"] + example["completion_ids"]])).logits[0]
-            # The row positions of sample i's segment: its last positions in `sample_index` (the shared part, before,
-            # counts with the group's first sample)
             shared = len(example["prompt_ids"]) - 1
-            own = (batch["sample_index"][0] == i).nonzero().flatten()[-(len(alone) - shared) :]
+            own = segment_positions(batch, i, shared, len(alone))
             torch.testing.assert_close(logits[own], alone[shared:], atol=1e-5, rtol=1e-5)
             if i < 2 and shared:  # the shared prompt, computed once
                 torch.testing.assert_close(logits[:shared], alone[:shared], atol=1e-5, rtol=1e-5)
@@ -218,3 +223,54 @@ def test_train_shared_prompt(tiny_llama_path, shared_dataset, tmp_path, peft_con
     np.testing.assert_allclose(losses, logged(runs[False]), rtol=1e-4)
     # The token count logged is the samples' real tokens (prompt counted per sample), as the padded batches count them
     assert logged(runs[True], "num_tokens") == logged(runs[False], "num_tokens")
+
+
+def test_group_by_prompt_refuses_a_streamed_dataset(tiny_llama_path, shared_dataset, tmp_path):
+    with pytest.raises(ValueError, match="streamed dataset is read in its own order"):
+        _trainer(
+            tiny_llama_path, tmp_path, shared_dataset.to_iterable_dataset(), False, group_by_prompt=True,
+            precompute_ref_log_probs=False, max_steps=1,
+        )
+
+
+def _varlen_reference(module, query, key, value, attention_mask, cu_seq_lens_q, cu_seq_lens_k, max_length_q,
+                      max_length_k, **kwargs):
+    """A stand-in for transformers' flash path (no GPU here): flash-attn's varlen semantics, causal aligned lower-right,
+    on (1, heads, length, dim) inputs; (1, length, heads, dim) out."""
+    assert module.config._attn_implementation == "flash_attention_2"  # its kernels are looked up by this name
+    assert attention_mask is None
+    key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
+    q_bounds, k_bounds = cu_seq_lens_q.tolist(), cu_seq_lens_k.tolist()
+    assert max_length_q == max(np.diff(q_bounds)) and max_length_k == max(np.diff(k_bounds))
+    outputs = []
+    for j in range(len(q_bounds) - 1):
+        q = query[:, :, q_bounds[j] : q_bounds[j + 1]]
+        k, v = (t[:, :, k_bounds[j] : k_bounds[j + 1]] for t in (key, value))
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(k.shape[2] - q.shape[2])
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=kwargs["scaling"]))
+    return torch.cat(outputs, dim=2).transpose(1, 2), None
+
+
+def test_shared_prompt_flash_path_gathers_each_segments_keys(tokenizer, monkeypatch):
+    """
+    The flash varlen path (not run here: no GPU) hands the kernel each segment's keys, its prompt's then its own, packed
+    and bounded by `cu_seq_lens_k`: with a stand-in kernel of flash-attn's semantics, each sample's logits are its own.
+    """
+    from qrpo_trl.kernels import packed_attention
+
+    monkeypatch.setattr(packed_attention, "flash_attention_forward", _varlen_reference)
+    monkeypatch.setattr(packed_attention, "_flash_uses_top_left_mask", lambda: False)
+    model = _tiny_mistral(tokenizer, sliding_window=None)
+    examples = [{"prompt_ids": [2, 8, 9, 10], "completion_ids": [11, 12, 13]}, {"prompt_ids": [2, 8, 9, 10], "completion_ids": [14]},
+                {"prompt_ids": [2], "completion_ids": [15, 16]}]
+    batch = DataCollatorForPointwise(pad_token_id=0, padding_free=True, share_prompt=True, pad_to_multiple_of=8)(examples)
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([e["prompt_ids"] + e["completion_ids"]])).logits[0] for e in examples]
+        model.config._attn_implementation_internal = "flash_attention_2"
+        with per_sample_attention(model, shared_prompts=True):
+            logits = model(**model_inputs(batch), use_cache=False).logits[0]
+        assert model.config._attn_implementation == "flash_attention_2"
+    for i, (example, expected) in enumerate(zip(examples, alone)):
+        shared = len(example["prompt_ids"]) - 1
+        own = segment_positions(batch, i, shared, len(expected))
+        torch.testing.assert_close(logits[own], expected[shared:], atol=1e-5, rtol=1e-5)
