@@ -454,7 +454,8 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
         attention's varlen path, and for `flex_attention` the masks transformers builds from `position_ids`; but a
         model's attention may not get the sequence boundaries, or not compute what its own padded forward computes, and
         custom implementations may ignore the positions. So each model that will score packed rows is probed once,
-        before the first pass: a sample packed after another one must get the log-probability it gets alone in a
+        before the first pass: a sample packed after another one (with `share_prompt`, another completion of its prompt,
+        sharing it) must get the log-probability it gets alone in a
         padded batch, through the model's own attention (within 1e-5 relative, 1e-2 in half precision).
         """
         if not self._padding_free or self._padding_free_checked:
