@@ -259,7 +259,7 @@ def test_shared_prompt_flash_path_gathers_each_segments_keys(tokenizer, monkeypa
     from qrpo_trl.kernels import packed_attention
 
     monkeypatch.setattr(packed_attention, "flash_attention_forward", _varlen_reference)
-    monkeypatch.setattr(packed_attention, "_flash_uses_top_left_mask", lambda: False)
+    monkeypatch.setattr(packed_attention, "flash_attn_supports_top_left_mask", lambda: False)
     model = _tiny_mistral(tokenizer, sliding_window=None)
     examples = [{"prompt_ids": [2, 8, 9, 10], "completion_ids": [11, 12, 13]}, {"prompt_ids": [2, 8, 9, 10], "completion_ids": [14]},
                 {"prompt_ids": [2], "completion_ids": [15, 16]}]

@@ -22,6 +22,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.flash_attention import flash_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_flash_attention_utils import flash_attn_supports_top_left_mask
 
 
 PER_SAMPLE_IMPLEMENTATIONS = {"sdpa": "qrpo_trl_per_sample_sdpa", "eager": "qrpo_trl_per_sample_eager"}
@@ -111,9 +112,10 @@ def _shared_prompt_flash_forward(
     Flash attention's varlen kernel over a packed row with shared prompts: each segment's keys (its shared prompt's,
     then its own, `segment_key_index`) gathered into one packed key/value, bounded by `cu_seq_lens_k` while the queries
     stay bounded by `cu_seq_lens_q`; flash attention (>= 2.1) aligns a causal mask lower-right when a segment has more
-    keys than queries, which is what a completion after its prompt needs. Not run in this project's tests (no GPU).
+    keys than queries, which is what a completion after its prompt needs. Run in this project's tests with a stand-in
+    kernel only (no GPU).
     """
-    if _flash_uses_top_left_mask():
+    if flash_attn_supports_top_left_mask():
         raise ValueError(
             "`share_prompt=True` needs flash attention >= 2.1, whose causal mask is aligned lower-right when a segment "
             "has more keys than queries; the installed flash-attn aligns it top-left. Upgrade flash-attn or use sdpa."
@@ -129,12 +131,6 @@ def _shared_prompt_flash_forward(
         return flash_attention_forward(module, query, key, value, None, cu_seq_lens_k=cu_seq_lens_k, **kwargs)
     finally:
         config._attn_implementation_internal = switched
-
-
-def _flash_uses_top_left_mask() -> bool:
-    from transformers.modeling_flash_attention_utils import flash_attn_supports_top_left_mask
-
-    return flash_attn_supports_top_left_mask()
 
 
 AttentionInterface.register(PER_SAMPLE_IMPLEMENTATIONS["sdpa"], per_sample_sdpa_forward)
