@@ -23,6 +23,12 @@ ratio's spread (min and max of the per-repeat ratios).
    like tracemalloc, so the allocator's caching and fragmentation and the Python heap do not count); on CUDA,
    `torch.cuda.max_memory_allocated`.
 4. Padding waste: the fraction of padded positions in the batches each contender builds (0 when packed).
+5. Shared prompts (`share_prompt=True`, with `padding_free` and `group_by_prompt`), on data whose prompt and completion
+   lengths are log-normal with the same median (`completion_length`): training time per completion against DPOTrainer
+   with precomputed reference log-probs at 2 completions per prompt (target <= 0.4) and against unshared `padding_free`
+   QRPO at 8 per prompt (target <= 0.6); the reference pass and the demo's held-out KL scoring
+   (`qrpo_trl.demo.evaluation.kl_to_reference`) shared against unshared at 8 per prompt; peak memory of a shared step
+   against an SFT step on the same rows (target <= 1.1).
 
 With `--device cuda` the table also gives tokens/s and MFU: FLOPs are 6 * N * tokens for a training step (8 * N * tokens
 with DPO's reference forward) and 2 * N * tokens for the reference pass, where N counts the weights used in matmuls
@@ -30,6 +36,7 @@ with DPO's reference forward) and 2 * N * tokens for the reference pass, where N
 
     python benchmarks/benchmark.py                  # CPU defaults: a few minutes on 2 cores
     python benchmarks/benchmark.py --quick          # a smoke run
+    python benchmarks/benchmark.py --sections shared_prompts --hidden_size 768 --num_completions 96  # section 5 only
     python benchmarks/benchmark.py --device cuda --hidden_size 2048 --num_layers 16 --vocab_size 32000 \
         --max_length 1024 --prompt_length 128 --completion_length 256 --num_completions 1024 --batch_size 32
 """
@@ -71,6 +78,9 @@ from qrpo_trl import QRPOConfig, QRPOTrainer  # noqa: E402
 from qrpo_trl.pointwise_collator import MODEL_INPUT_KEYS  # noqa: E402
 
 
+SECTIONS = ("training", "reference_pass", "memory", "shared_prompts")
+
+
 @dataclass
 class BenchmarkArguments:
     device: str = field(default="cpu", metadata={"help": "'cpu' or 'cuda'.", "choices": ["cpu", "cuda"]})
@@ -96,6 +106,10 @@ class BenchmarkArguments:
         },
     )
     seed: int = field(default=0)
+    sections: list[str] = field(
+        default_factory=lambda: list(SECTIONS),
+        metadata={"help": f"Sections to run, among {', '.join(SECTIONS)}.", "choices": list(SECTIONS)},
+    )
     quick: bool = field(default=False, metadata={"help": "A tiny smoke configuration (overrides sizes and repeats)."})
     output: str = field(default="benchmark.json", metadata={"help": "Where to write the JSON results."})
 
@@ -287,6 +301,21 @@ def trainer_args(config_class, args: BenchmarkArguments, output_dir: str, **over
     return config_class(**{**settings, **overrides})
 
 
+def train_seconds(trainers: dict, args, device) -> dict[str, list[float]]:
+    """Seconds of one training epoch of each trainer, per measured repeat, interleaved."""
+    timers = {}
+    for name, trainer in trainers.items():
+        timers[name] = TrainTimer(device)
+        trainer.add_callback(timers[name])
+        trainer.remove_callback(PrinterCallback)  # `train` prints its summary even with `logging_strategy="no"`
+
+    def run(name):
+        trainers[name].train()
+        return timers[name].seconds
+
+    return interleaved({name: (lambda name=name: run(name)) for name in trainers}, args.warmup, args.repeats)
+
+
 def benchmark_training(args, device, model_path, dataset, workdir) -> tuple[dict, dict, dict, QRPOTrainer]:
     trainers = {
         "QRPO": QRPOTrainer(
@@ -321,17 +350,7 @@ def benchmark_training(args, device, model_path, dataset, workdir) -> tuple[dict
         except ValueError as error:
             unsupported[name] = str(error)
             del trainers[name]
-    timers = {}
-    for name, trainer in trainers.items():
-        timers[name] = TrainTimer(device)
-        trainer.add_callback(timers[name])
-        trainer.remove_callback(PrinterCallback)  # `train` prints its summary even with `logging_strategy="no"`
-
-    def run(name):
-        trainers[name].train()
-        return timers[name].seconds
-
-    seconds = interleaved({name: (lambda name=name: run(name)) for name in trainers}, args.warmup, args.repeats)
+    seconds = train_seconds(trainers, args, device)
     num_completions = len(trainers["QRPO"].train_dataset)
     tokens = sum(batch_tokens(batch) for batch in batches["QRPO"])
     dpo_tokens = sum(batch_tokens(batch) for batch in batches["DPO, precomputed reference"])
@@ -439,14 +458,8 @@ def benchmark_reference_pass(args, device, trainer, packing_trainer) -> tuple[di
     return results, ratios, waste
 
 
-def benchmark_memory(args, device, model_path, qrpo, packing_qrpo, workdir) -> tuple[dict, dict]:
-    """
-    One forward + backward on the same rows: QRPO padded and packed (`padding_free`), TRL's SFTTrainer, and a bare loss
-    over the full logits.
-    """
-    rows = qrpo.train_dataset.shuffle(seed=args.seed).select(range(args.batch_size))
-    qrpo_batch = qrpo.data_collator(list(rows))
-    packed_batch = packing_qrpo.data_collator(list(rows))
+def sft_trainer_on(rows: Dataset, args, model_path: str, workdir: str) -> tuple[SFTTrainer, dict]:
+    """TRL's SFTTrainer (completion-only loss) on the prepared pointwise `rows`, set up by one step, and their batch."""
     sft_rows = Dataset.from_dict(
         {
             "input_ids": [p + c for p, c in zip(rows["prompt_ids"], rows["completion_ids"], strict=True)],
@@ -455,12 +468,41 @@ def benchmark_memory(args, device, model_path, qrpo, packing_qrpo, workdir) -> t
     )
     sft = SFTTrainer(
         model=model_path,
-        args=trainer_args(SFTConfig, args, workdir, completion_only_loss=True),
+        args=trainer_args(SFTConfig, args, workdir, completion_only_loss=True, per_device_train_batch_size=len(rows)),
         train_dataset=sft_rows,
     )
     sft.remove_callback(PrinterCallback)
     sft.train()  # one step, like the QRPO trainer's: the model set up for training as `train` does it
-    sft_batch = sft.data_collator(list(sft.train_dataset))
+    return sft, sft.data_collator(list(sft.train_dataset))
+
+
+def step_peaks(device, steps: dict) -> dict:
+    """Peak memory of each `(model, step, batch)` of `steps`, after a warm-up step."""
+    results = {}
+    for name, (model, step, batch) in steps.items():
+        model.train()
+        step()  # warm-up: lazily built state (autocast caches, kernels) is not the step's memory
+        model.zero_grad(set_to_none=True)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        peak = peak_memory(device, step, model, *[v for v in batch.values() if isinstance(v, torch.Tensor)])
+        model.zero_grad(set_to_none=True)
+        results[name] = {
+            "peak_bytes": peak,
+            "peak_bytes_above_weights": peak - weights,
+            "activation_checkpointing": model.is_activation_checkpointing,
+        }
+    return results
+
+
+def benchmark_memory(args, device, model_path, qrpo, packing_qrpo, workdir) -> tuple[dict, dict]:
+    """
+    One forward + backward on the same rows: QRPO padded and packed (`padding_free`), TRL's SFTTrainer, and a bare loss
+    over the full logits.
+    """
+    rows = qrpo.train_dataset.shuffle(seed=args.seed).select(range(args.batch_size))
+    qrpo_batch = qrpo.data_collator(list(rows))
+    packed_batch = packing_qrpo.data_collator(list(rows))
+    sft, sft_batch = sft_trainer_on(rows, args, model_path, workdir)
     bare_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=qrpo.model.dtype).to(device)
     if args.gradient_checkpointing:
         bare_model.activation_checkpointing_enable()
@@ -484,23 +526,150 @@ def benchmark_memory(args, device, model_path, qrpo, packing_qrpo, workdir) -> t
         "bare loss (full logits)": (bare_model, bare_step, bare_batch),
     }
     results = {"batch_tokens": int(qrpo_batch["attention_mask"].sum()), "batch_shape": list(qrpo_batch["input_ids"].shape)}
-    for name, (model, step, batch) in steps.items():
-        model.train()
-        step()  # warm-up: lazily built state (autocast caches, kernels) is not the step's memory
-        model.zero_grad(set_to_none=True)
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        peak = peak_memory(device, step, model, *[v for v in batch.values() if isinstance(v, torch.Tensor)])
-        model.zero_grad(set_to_none=True)
-        results[name] = {
-            "peak_bytes": peak,
-            "peak_bytes_above_weights": peak - weights,
-            "activation_checkpointing": model.is_activation_checkpointing,
-        }
+    results.update(step_peaks(device, steps))
     ratios = {
         f"{qrpo_name} / {name}": {"ratio": results[qrpo_name]["peak_bytes"] / results[name]["peak_bytes"]}
         for qrpo_name in ("QRPO", "QRPO, padding_free")
         for name in ("SFTTrainer", "bare loss (full logits)")
     }
+    return results, ratios
+
+
+def build_grouped_dataset(args: BenchmarkArguments, per_prompt: int) -> Dataset:
+    """
+    `num_completions` scored completions, `per_prompt` per prompt, with log-normal prompt and completion lengths of the
+    same median (`completion_length`): as pairs (chosen, rejected) for 2 per prompt, else pointwise rows.
+    """
+    rng = np.random.default_rng(args.seed + per_prompt)
+    num_words = args.vocab_size - 4
+
+    def text(median):
+        length = int(np.clip(round(rng.lognormal(math.log(median), args.length_sigma)), 1, args.max_length // 2))
+        return " ".join(f"w{i}" for i in rng.integers(num_words, size=length))
+
+    num_prompts = args.num_completions // per_prompt
+    prompts = [text(args.completion_length) for _ in range(num_prompts)]
+    if per_prompt == 2:
+        return Dataset.from_dict(
+            {
+                "prompt": prompts,
+                "chosen": [" " + text(args.completion_length) for _ in prompts],
+                "rejected": [" " + text(args.completion_length) for _ in prompts],
+                "chosen_reward": rng.normal(size=num_prompts).tolist(),
+                "rejected_reward": rng.normal(size=num_prompts).tolist(),
+                "ref_rewards": rng.normal(size=(num_prompts, 8)).tolist(),
+            }
+        )
+    rows = [(prompt, rng.normal(size=8).tolist()) for prompt in prompts for _ in range(per_prompt)]
+    return Dataset.from_dict(
+        {
+            "prompt": [prompt for prompt, _ in rows],
+            "completion": [" " + text(args.completion_length) for _ in rows],
+            "reward": rng.normal(size=len(rows)).tolist(),
+            "ref_rewards": [refs for _, refs in rows],
+        }
+    )
+
+
+def benchmark_shared_prompts(args, device, model_path, workdir) -> tuple[dict, dict]:
+    """
+    `share_prompt=True` (with `padding_free` and `group_by_prompt`): training time per completion against DPOTrainer
+    with precomputed reference log-probs at 2 completions per prompt, and against unshared `padding_free` QRPO at 8;
+    the reference pass and the demo's held-out KL scoring with and without sharing at 8; peak memory of a shared step
+    against an SFT step on the same rows.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from qrpo_trl.demo.evaluation import kl_to_reference
+
+    grouped = dict(padding_free=True, group_by_prompt=True)
+    results, ratios = {}, {}
+    trainers = {}
+    for per_prompt in (2, 8):
+        dataset = build_grouped_dataset(args, per_prompt)
+        contenders = {
+            f"{per_prompt} per prompt: QRPO, padding_free": trainer_args(QRPOConfig, args, workdir, **grouped),
+            f"{per_prompt} per prompt: QRPO, share_prompt": trainer_args(
+                QRPOConfig, args, workdir, share_prompt=True, **grouped
+            ),
+        }
+        trainers[per_prompt] = {
+            name: QRPOTrainer(model=model_path, args=config, train_dataset=dataset) for name, config in contenders.items()
+        }
+        if per_prompt == 2:
+            trainers[2]["2 per prompt: DPO, precomputed reference"] = DPOTrainer(
+                model=model_path,
+                args=trainer_args(
+                    DPOConfig, args, workdir, per_device_train_batch_size=args.batch_size // 2,
+                    precompute_ref_log_probs=True,
+                ),
+                train_dataset=dataset,
+            )
+        progress(f"  shared prompts, {per_prompt} per prompt: training")
+        seconds = train_seconds(trainers[per_prompt], args, device)
+        shared_trainer = trainers[per_prompt][f"{per_prompt} per prompt: QRPO, share_prompt"]
+        num_completions = len(shared_trainer.train_dataset)
+        batches = list(shared_trainer.get_train_dataloader())
+        results[f"{per_prompt} per prompt"] = {
+            "num_completions": num_completions,
+            "tokens": sum(batch_tokens(batch) for batch in batches),
+            "positions_shared": sum(batch["input_ids"].numel() for batch in batches),
+            **{name: {"seconds": values, "seconds_per_completion": statistics.median(values) / num_completions}
+               for name, values in seconds.items()},
+        }
+        shared = seconds[f"{per_prompt} per prompt: QRPO, share_prompt"]
+        for other in seconds:
+            if other != f"{per_prompt} per prompt: QRPO, share_prompt":
+                ratios[f"{per_prompt} per prompt: QRPO, share_prompt / {other.split(': ')[1]}"] = ratio(shared, seconds[other])
+
+    # The reference pass and the demo's KL scoring, 8 per prompt
+    unshared, shared = (trainers[8][f"8 per prompt: QRPO, {kind}"] for kind in ("padding_free", "share_prompt"))
+    rows = shared.train_dataset.select_columns(["prompt_ids", "completion_ids"])
+    batch_size = args.batch_size
+    policy = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_path, dtype=shared.model.dtype).to(device),
+        LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+    )
+    progress("  shared prompts, 8 per prompt: reference pass and KL scoring")
+    seconds = interleaved(
+        {
+            "reference pass, padding_free": lambda: timed(lambda: unshared._reference_logps(rows, "benchmark", batch_size), device),
+            "reference pass, share_prompt": lambda: timed(lambda: shared._reference_logps(rows, "benchmark", batch_size), device),
+            "demo KL scoring, padded": lambda: timed(lambda: kl_to_reference(policy, rows, 0, share_prompt=False), device),
+            "demo KL scoring, share_prompt": lambda: timed(lambda: kl_to_reference(policy, rows, 0), device),
+        },
+        args.warmup,
+        args.reference_repeats,
+    )
+    results["8 per prompt"].update({name: {"seconds": values} for name, values in seconds.items()})
+    ratios["8 per prompt: reference pass, share_prompt / padding_free"] = ratio(
+        seconds["reference pass, share_prompt"], seconds["reference pass, padding_free"]
+    )
+    ratios["8 per prompt: demo KL scoring, share_prompt / padded"] = ratio(
+        seconds["demo KL scoring, share_prompt"], seconds["demo KL scoring, padded"]
+    )
+
+    # Peak memory of a shared step against an SFT step, the same rows (a batch of whole groups, 2 per prompt)
+    qrpo = trainers[2]["2 per prompt: QRPO, share_prompt"]
+    batch_rows = qrpo.train_dataset.select(range(args.batch_size))
+    batch = qrpo.data_collator(list(batch_rows))
+    sft, sft_batch = sft_trainer_on(batch_rows, args, model_path, workdir)
+    peaks = step_peaks(
+        device,
+        {
+            "QRPO, share_prompt": (qrpo.model, lambda: qrpo.training_step(qrpo.model, batch), batch),
+            "SFTTrainer": (sft.model, lambda: sft.training_step(sft.model, sft_batch), sft_batch),
+        },
+    )
+    results["memory"] = peaks
+    ratios["peak memory: QRPO, share_prompt / SFTTrainer"] = {
+        "ratio": peaks["QRPO, share_prompt"]["peak_bytes"] / peaks["SFTTrainer"]["peak_bytes"]
+    }
+    for per_prompt in (2, 8):  # what sharing leaves to compute
+        counts = results[f"{per_prompt} per prompt"]
+        ratios[f"{per_prompt} per prompt: positions of the shared rows / tokens of the samples"] = {
+            "ratio": counts["positions_shared"] / counts["tokens"]
+        }
     return results, ratios
 
 
@@ -511,6 +680,9 @@ TARGETS = {
     "reference pass, padding_free / bare forward, same packed rows": (">=", 0.9),
     "QRPO / SFTTrainer": ("<=", 1.1),
     "QRPO, padding_free / SFTTrainer": ("<=", 1.1),
+    "2 per prompt: QRPO, share_prompt / DPO, precomputed reference": ("<=", 0.4),
+    "8 per prompt: QRPO, share_prompt / QRPO, padding_free": ("<=", 0.6),
+    "peak memory: QRPO, share_prompt / SFTTrainer": ("<=", 1.1),
 }
 
 
@@ -523,8 +695,8 @@ def meets(name, value):
 
 def print_table(results: dict) -> None:
     print(f"\n{'ratio':<64} {'median':>8} {'spread':>17} {'target':>8}")
-    for section in ("training", "reference_pass", "memory"):
-        for name, value in results[section]["ratios"].items():
+    for section in SECTIONS:
+        for name, value in results.get(section, {"ratios": {}})["ratios"].items():
             spread = f"{value['min']:.3f}-{value['max']:.3f}" if "min" in value else ""
             met = meets(name, value["ratio"])
             target = "" if met is None else ("met" if met else "MISSED")
@@ -535,7 +707,7 @@ def print_table(results: dict) -> None:
     if results["config"]["device"] == "cuda":
         print(f"\n{'throughput':<64} {'tokens/s':>10} {'MFU':>8}")
         for section in ("training", "reference_pass"):
-            for name, value in results[section]["contenders"].items():
+            for name, value in results.get(section, {"contenders": {}})["contenders"].items():
                 if isinstance(value, dict) and "mfu" in value:
                     print(f"{name:<64} {value['tokens_per_second']:>10.0f} {value['mfu']:>8.1%}")
 
@@ -556,14 +728,27 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = build_tokenizer(args.vocab_size)
         save_model(args, tokenizer, model_path)
         dataset = build_dataset(args)
-        progress("1/3 training")
-        training, training_ratios, training_waste, qrpo, packing_qrpo = benchmark_training(
-            args, device, model_path, dataset, workdir
-        )
-        progress(f"2/3 reference pass ({time.perf_counter() - start:.0f} s)")
-        reference, reference_ratios, reference_waste = benchmark_reference_pass(args, device, qrpo, packing_qrpo)
-        progress(f"3/3 memory ({time.perf_counter() - start:.0f} s)")
-        memory, memory_ratios = benchmark_memory(args, device, model_path, qrpo, packing_qrpo, workdir)
+        sections, waste = {}, {}
+        if {"training", "reference_pass", "memory"} & set(args.sections):
+            progress("training")
+            training, training_ratios, training_waste, qrpo, packing_qrpo = benchmark_training(
+                args, device, model_path, dataset, workdir
+            )
+            sections["training"] = {"contenders": training, "ratios": training_ratios}
+            waste.update({f"training: {k}": v for k, v in training_waste.items()})
+        if "reference_pass" in args.sections:
+            progress(f"reference pass ({time.perf_counter() - start:.0f} s)")
+            reference, reference_ratios, reference_waste = benchmark_reference_pass(args, device, qrpo, packing_qrpo)
+            sections["reference_pass"] = {"contenders": reference, "ratios": reference_ratios}
+            waste.update(reference_waste)
+        if "memory" in args.sections:
+            progress(f"memory ({time.perf_counter() - start:.0f} s)")
+            memory, memory_ratios = benchmark_memory(args, device, model_path, qrpo, packing_qrpo, workdir)
+            sections["memory"] = {"contenders": memory, "ratios": memory_ratios}
+        if "shared_prompts" in args.sections:
+            progress(f"shared prompts ({time.perf_counter() - start:.0f} s)")
+            shared, shared_ratios = benchmark_shared_prompts(args, device, model_path, workdir)
+            sections["shared_prompts"] = {"contenders": shared, "ratios": shared_ratios}
     results = {
         "config": asdict(args),
         "machine": {
@@ -574,10 +759,8 @@ def main(argv: list[str] | None = None) -> dict:
             "load_average": os.getloadavg(),
         },
         "versions": {"torch": torch.__version__, "trl": __import__("trl").__version__},
-        "training": {"contenders": training, "ratios": training_ratios},
-        "reference_pass": {"contenders": reference, "ratios": reference_ratios},
-        "memory": {"contenders": memory, "ratios": memory_ratios},
-        "padding_waste": {**{f"training: {k}": v for k, v in training_waste.items()}, **reference_waste},
+        **sections,
+        "padding_waste": waste,
         "seconds": time.perf_counter() - start,
     }
     print_table(results)

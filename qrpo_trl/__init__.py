@@ -5,6 +5,7 @@ from .dro_trainer import DROTrainer
 from .pointwise_collator import DataCollatorForPointwise
 from .pointwise_config import PointwiseConfig
 from .pointwise_trainer import PointwiseTrainer
+from .prompt_grouping import PromptGroupedSampler
 from .qrpo_config import QRPOConfig
 from .qrpo_trainer import QRPOTrainer
 from .reference_config import ReferenceConfig
@@ -21,6 +22,7 @@ __all__ = [
     "DROTrainer",
     "PointwiseConfig",
     "PointwiseTrainer",
+    "PromptGroupedSampler",
     "QRPOConfig",
     "QRPOTrainer",
     "ReferenceConfig",

@@ -18,10 +18,11 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 # The decoder-only model inputs of a batch: `input_ids` and `attention_mask` when padded; when packed
 # (`padding_free`), the positions restarting at each sample and the sequence boundaries of the varlen kernels, as
-# TRL's `DataCollatorForLanguageModeling(padding_free=True)` makes them
+# TRL's `DataCollatorForLanguageModeling(padding_free=True)` makes them; with shared prompts (`share_prompt`), the keys
+# of each segment (`segment_key_index`, see `DataCollatorForPointwise`)
 MODEL_INPUT_KEYS = (
     "input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
-    "seq_idx",
+    "seq_idx", "segment_key_index",
 )
 
 
@@ -98,6 +99,16 @@ class DataCollatorForPointwise(DataCollatorMixin):
             (`qrpo_trl.kernels.packed_attention`, for sdpa and eager) confine attention to each sample. The
             batch also gets `sample_lengths` (tokens of each sample) and `sample_index` (the sample of each position
             of the row, padding counted with the last sample), so that per-sample sums need no device sync.
+        share_prompt (`bool`, *optional*, defaults to `False`):
+            With `padding_free`: the samples of the batch whose kept prompt tokens are the same (after truncation) share
+            one copy of the prompt. For a prompt P and completions c_1..c_k the row holds `P[:-1]`, then for each
+            completion `[P[-1]] + c_i`, its positions continuing from the prompt's: P's last token is repeated once per
+            completion, so that the standard label shift scores each completion from it. The segments are bounded by
+            `cu_seq_lens_q`; each segment's keys, its shared prompt's (`P[:-1]`) then its own, are the row positions
+            `segment_key_index[cu_seq_lens_k[j]:cu_seq_lens_k[j + 1]]`, to which the per-sample attention confines
+            it (lower-right causal). `sample_lengths` stays each sample's kept tokens (prompt included), as padded;
+            the shared part's positions count in `sample_index` with their group's first sample (their labels are
+            prompt labels, never scored).
     """
 
     pad_token_id: int
@@ -106,9 +117,15 @@ class DataCollatorForPointwise(DataCollatorMixin):
     pad_to_multiple_of: int | None = None
     is_encoder_decoder: bool = False
     padding_free: bool = False
+    share_prompt: bool = False
     return_tensors: str = "pt"
 
     def __post_init__(self):
+        if self.share_prompt and not self.padding_free:
+            raise ValueError(
+                "`share_prompt=True` packs the completions of a prompt after one copy of it in a packed row: it needs "
+                "`padding_free=True`."
+            )
         if self.padding_free and self.is_encoder_decoder:
             raise ValueError(
                 "`padding_free=True` packs the samples of a batch into one decoder-only sequence; it is not supported "
@@ -144,6 +161,8 @@ class DataCollatorForPointwise(DataCollatorMixin):
                 "attention_mask": self._span_mask(0, kept_prompt, input_ids.size(1)),
                 "labels": self._padded(targets, -100),
             }
+        elif self.share_prompt:
+            batch = self._shared_prompt_packed(windows, kept_prompt)
         elif self.padding_free:
             batch = self._packed(windows, kept_prompt)
         else:
@@ -173,6 +192,68 @@ class DataCollatorForPointwise(DataCollatorMixin):
         sample_index = torch.full_like(completion_mask, len(windows) - 1)
         sample_index[0, : int(sample_lengths.sum())] = torch.repeat_interleave(torch.arange(len(windows)), sample_lengths)
         return {**packed, "completion_mask": completion_mask, "sample_lengths": sample_lengths, "sample_index": sample_index}
+
+    def _shared_prompt_packed(self, windows: list[list[int]], kept_prompt: np.ndarray) -> dict[str, torch.Tensor]:
+        """One packed row whose samples with the same kept prompt share it (see `share_prompt` in the class docs)."""
+        groups = {}
+        for i, (window, prompt_length) in enumerate(zip(windows, kept_prompt, strict=True)):
+            # A sample left without prompt tokens by keep_end truncation shares nothing
+            key = tuple(window[:prompt_length]) if prompt_length else ("alone", i)
+            groups.setdefault(key, []).append(i)
+        input_ids, position_ids, scored, sample_index, key_index = [], [], [], [], []
+        query_lengths, key_lengths = [], []
+        for members in groups.values():
+            shared = max(int(kept_prompt[members[0]]) - 1, 0)  # the prompt but its last token
+            shared_keys = list(range(len(input_ids), len(input_ids) + shared))
+            if shared:
+                input_ids += windows[members[0]][:shared]
+                position_ids += range(shared)
+                scored += [0] * shared
+                sample_index += [members[0]] * shared
+                key_index += shared_keys
+                query_lengths.append(shared)
+                key_lengths.append(shared)
+            for i in members:
+                segment = windows[i][shared:]
+                key_index += shared_keys + list(range(len(input_ids), len(input_ids) + len(segment)))
+                input_ids += segment
+                positions = range(shared, shared + len(segment))
+                position_ids += positions
+                # A completion token is scored, but never the row's first (nothing predicts it), as TRL's packing does
+                scored += [int(0 < t and t >= kept_prompt[i]) for t in positions]
+                sample_index += [i] * len(segment)
+                query_lengths.append(len(segment))
+                key_lengths.append(shared + len(segment))
+        length = len(input_ids)
+        width = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of if self.pad_to_multiple_of else length
+        # The padding tail as TRL's padding-free collator makes it: one-token segments at position 0, never scored
+        tail = width - length
+        input_ids += [self.pad_token_id] * tail
+        position_ids += [0] * tail
+        scored += [0] * tail
+        sample_index += [len(windows) - 1] * tail
+        key_index += range(length, width)
+        query_lengths += [1] * tail
+        key_lengths += [1] * tail
+
+        def row(values):
+            return torch.tensor([values], dtype=torch.long)
+
+        def boundaries(lengths):
+            return torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+
+        return {
+            "input_ids": row(input_ids),
+            "position_ids": row(position_ids),
+            "cu_seq_lens_q": boundaries(query_lengths),
+            "cu_seq_lens_k": boundaries(key_lengths),
+            "max_length_q": max(query_lengths),
+            "max_length_k": max(key_lengths),
+            "segment_key_index": torch.tensor(key_index, dtype=torch.long),
+            "completion_mask": row(scored),
+            "sample_lengths": torch.tensor([len(window) for window in windows]),
+            "sample_index": row(sample_index),
+        }
 
     def _padded(self, rows: list[list[int]], value: int) -> torch.Tensor:
         # Rows copied into one preallocated array rather than by TRL's `pad`: a tensor per row from its Python list,

@@ -60,6 +60,16 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
             Whether the policy and reference log-probabilities are those of the logits divided by `temperature` (the
             official QRPO code's option of the same name): when the reference completions were sampled at a
             temperature T != 1, the quantile's reference distribution is then the one the regression uses.
+        share_prompt (`bool`, *optional*, defaults to `False`):
+            With `padding_free=True`: the completions of one prompt that fall in the same batch are packed after one
+            copy of it, which is computed once and receives the gradients of all of them (training and the reference
+            log-prob pass). Same log-probs, loss and gradients as the padded batch. Pays with several completions per
+            prompt in a batch: see `group_by_prompt`.
+        group_by_prompt (`bool`, *optional*, defaults to `False`):
+            Sample the training rows in a random order of whole prompt groups (`PromptGroupedSampler`, shuffled by
+            `seed`), so that a batch holds all the completions of its prompts, as DPO's batches hold whole pairs,
+            rather than TRL's random order of rows. A batch then holds fewer prompts. Replaces
+            `train_sampling_strategy`, which must stay `"random"`.
 
         > Parameters of the reference stage, used when the trainer is given `reward_funcs` and the dataset lacks
         > rewards, or QRPO's `ref_rewards`: the fields of [`ReferenceStageFields`], documented there. Sampling is
@@ -112,8 +122,33 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
         },
     )
 
+    share_prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "With padding_free=True, pack the completions of one prompt in a batch after one copy of it, "
+            "computed once (training and the reference log-prob pass)."
+        },
+    )
+    group_by_prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "Sample training rows in a random order of whole prompt groups (seeded), so that a batch holds all "
+            "the completions of its prompts."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if self.share_prompt and not self.padding_free:
+            raise ValueError(
+                "`share_prompt=True` packs the completions of a prompt after one copy of it in a packed row: it needs "
+                "`padding_free=True`."
+            )
+        if self.group_by_prompt and self.train_sampling_strategy != "random":
+            raise ValueError(
+                "`group_by_prompt=True` sets the training order (whole prompt groups, shuffled); it cannot be combined "
+                f"with `train_sampling_strategy={self.train_sampling_strategy!r}`. Leave the latter at 'random'."
+            )
         self._check_reference_fields()  # TrainingArguments.__post_init__ does not chain to the mixin
         if not self.beta > 0:
             raise ValueError(f"`beta` must be > 0, got {self.beta}.")

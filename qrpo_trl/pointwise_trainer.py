@@ -41,6 +41,7 @@ from .metrics import PairMetricsMixin
 from .non_finite import StopOnNonFiniteGradients
 from .pointwise_collator import DataCollatorForPointwise, model_inputs, sequence_lengths
 from .pointwise_config import PointwiseConfig
+from .prompt_grouping import PromptGroupedSampler
 from .reference_logps import ReferenceLogProbsMixin
 from .reference_stage import ReferenceStage, RewardFunctions
 from .tokenization import template_kwargs, tokenize_pairs
@@ -123,6 +124,7 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
         self._reward_functions = self._load_reward_functions(reward_funcs, reward_processing_classes, args)
         # `_prepare_dataset` tokenises for the architecture, but runs before DPOTrainer has loaded and stored the model
         self.is_encoder_decoder = self._model_config(model, args).is_encoder_decoder
+        self._share_prompt = args.share_prompt
         with self._padding_free_hidden_from_dpo(args):
             super().__init__(
                 model=model,
@@ -240,6 +242,7 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
                 pad_to_multiple_of=collator.pad_to_multiple_of,
                 is_encoder_decoder=self.is_encoder_decoder,
                 padding_free=self._padding_free,
+                share_prompt=self._share_prompt,
             )
         self._data_collator = collator
 
@@ -308,6 +311,12 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
                 "`precompute_ref_log_probs=True` is not supported with IterableDataset: the reference "
                 f"log-probabilities of the whole {dataset_name} dataset are computed before training. Use a map-style "
                 "Dataset or set `precompute_ref_log_probs=False`."
+            )
+        if args.group_by_prompt and dataset_name == "train":
+            raise ValueError(
+                "`group_by_prompt=True` samples the prompt groups of the whole training dataset in a random order; a "
+                "streamed dataset is read in its own order. Use a map-style Dataset, or stream the rows of each prompt "
+                "one after the other and set `group_by_prompt=False`."
             )
         first = next(iter(dataset), None)
         if first is None:
@@ -410,6 +419,8 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
 
     def _get_train_sampler(self, train_dataset=None):
         train_dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.group_by_prompt and isinstance(train_dataset, Dataset):
+            return PromptGroupedSampler(train_dataset, seed=self.args.seed)
         return super()._get_train_sampler(self._with_length_column(train_dataset))
 
     def _get_eval_sampler(self, eval_dataset):
@@ -456,7 +467,8 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
         attention's varlen path, and for `flex_attention` the masks transformers builds from `position_ids`; but a
         model's attention may not get the sequence boundaries, or not compute what its own padded forward computes, and
         custom implementations may ignore the positions. So each model that will score packed rows is probed once,
-        before the first pass: a sample packed after another one must get the log-probability it gets alone in a
+        before the first pass: a sample packed after another one (with `share_prompt`, another completion of its prompt,
+        sharing it) must get the log-probability it gets alone in a
         padded batch, through the model's own attention (within 1e-5 relative, 1e-2 in half precision).
         """
         if not self._padding_free or self._padding_free_checked:
@@ -473,14 +485,15 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
             probes.append(("ref_model", self.ref_model))
         vocab_size = self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size
         tokens = [(7 * i + 3) % vocab_size for i in range(12)]
-        probe, other = ({"prompt_ids": ids[:2], "completion_ids": ids[2:]} for ids in (tokens, tokens[::-1]))
+        # The same prompt, so that with `share_prompt` the probe is scored after the other's completion, sharing it
+        probe, other = ({"prompt_ids": tokens[:2], "completion_ids": ids[2:]} for ids in (tokens, tokens[::-1]))
         half_precision = self.args.bf16 or self.args.fp16
         tolerance = 1e-2 if half_precision else 1e-5
         for role, model in probes:
             scores = []
             with torch.no_grad(), self.accelerator.autocast(), eval_mode(model):
                 # Alone in a padded batch (nothing to leak from), then packed after another sample
-                padded_collator = dataclasses.replace(self.data_collator, padding_free=False)
+                padded_collator = dataclasses.replace(self.data_collator, padding_free=False, share_prompt=False)
                 for collator, examples in ((padded_collator, [probe]), (self.data_collator, [other, probe])):
                     batch = collator(examples)
                     batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -583,7 +596,7 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
         # accelerate's `unwrap_model` reads package metadata at every call (milliseconds): once per model wrapper
         if model not in self._unwrapped_models:
             self._unwrapped_models[model] = self.accelerator.unwrap_model(model)
-        return per_sample_attention(self._unwrapped_models[model])
+        return per_sample_attention(self._unwrapped_models[model], shared_prompts="segment_key_index" in inputs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # The whole step, backward included: activation checkpointing re-runs the forwards there

@@ -26,6 +26,7 @@ from trl.trainer.utils import use_adapter
 from .data_utils import float_column
 from .fingerprint import token_ids_fingerprint
 from .pointwise_collator import sequence_lengths
+from .prompt_grouping import grouped_by_length
 from .utils import eval_mode
 
 
@@ -126,9 +127,10 @@ class ReferenceLogProbsMixin:
         if cached[0] is not None:
             return cached[0]
 
-        # Batched by length, longest first (an out-of-memory error shows at once), so that little is padded; the
-        # log-probs are put back in dataset order below
-        order = np.argsort(-sequence_lengths(dataset, self.args.max_length, self.args.truncation_mode), kind="stable")
+        # Batched by length, longest first (an out-of-memory error shows at once), so that little is padded, or with
+        # shared prompts each prompt's rows together; the log-probs are put back in dataset order below
+        lengths = sequence_lengths(dataset, self.args.max_length, self.args.truncation_mode)
+        order = grouped_by_length(dataset, lengths) if self.args.share_prompt else np.argsort(-lengths, kind="stable")
         dataloader = DataLoader(
             dataset.select_columns(["prompt_ids", "completion_ids"]).select(order),
             batch_size=batch_size,

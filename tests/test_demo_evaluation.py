@@ -96,3 +96,21 @@ def test_known_kl_is_found_within_its_interval(shift_scale):
         # An interval that says something: narrower than the KL itself
         assert high - low < sequence_kl
     assert math.isclose(figures["reward_difference"], 0.0, abs_tol=1e-12)
+
+
+def test_shared_prompt_scoring_equals_padded_batches():
+    """Prompts packed once for all their samples give the KL and log-ratio of right-padded batches of each sample."""
+    tokenizer = build_tokenizer()
+    policy = get_peft_model(build_tiny_llama(tokenizer), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a policy that has moved: LoRA's B away from 0
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    config = DemoConfig(max_completion_length=6, generation_batch_size=64)
+    samples = evaluation.sample_heldout(policy, tokenizer, heldout_prompts(3), 4, config, "test samples")
+    padded = evaluation.kl_to_reference(policy, samples, tokenizer.pad_token_id, batch_size=5, share_prompt=False)
+    shared = evaluation.kl_to_reference(policy, samples, tokenizer.pad_token_id, batch_size=5)
+    assert np.all(padded["kl"] > 0)
+    for key in ("kl", "log_ratio", "num_tokens"):
+        np.testing.assert_allclose(shared[key], padded[key], rtol=1e-5, atol=1e-7, err_msg=key)

@@ -35,10 +35,15 @@ JOBS = {
     "rpo": ["rpo", "--logps_normalization", "mean"],
     "qrpo_lora": ["qrpo", *LORA],
     "qrpo_packed": ["qrpo", "--padding_free", "true", "--max_length", "512"],
+    # Shared prompts, and padded batches of the same prompt groups to compare them with
+    "qrpo_shared": [
+        "qrpo", "--padding_free", "true", "--share_prompt", "true", "--group_by_prompt", "true", "--max_length", "511"
+    ],
+    "qrpo_grouped": ["qrpo", "--group_by_prompt", "true", "--max_length", "510"],
 }
 # The jobs each shipped config trains with 2 processes; ZeRO-3's QRPO run saves the checkpoint the resume test uses
 TWO_PROCESS_JOBS = {
-    "ddp": ["qrpo", "rpo", "qrpo_lora", "qrpo_packed"], "zero2": ["qrpo", "rpo"], "zero3": ["qrpo", "rpo"]
+    "ddp": ["qrpo", "rpo", "qrpo_lora", "qrpo_packed", "qrpo_shared"], "zero2": ["qrpo", "rpo"], "zero3": ["qrpo", "rpo"]
 }
 GLOBAL_BATCH = 4
 
@@ -226,3 +231,12 @@ def test_launched_command_fails_in_one_line(workspace, tmp_path):
     assert sum(line.startswith(expected) for line in lines) == 2  # one per process
     assert lines[-1] == "qrpo-trl qrpo: error: the launched processes failed (see their errors above)"
     assert "Traceback" not in failed.stderr
+
+
+def test_shared_prompt_training_matches_padded(baseline):
+    """One process, the same global batches of whole prompt groups: shared prompts log what padded batches log."""
+    shared, padded = baseline["qrpo_shared"], baseline["qrpo_grouped"]
+    np.testing.assert_allclose(shared["ref_logps"], padded["ref_logps"], rtol=1e-5, atol=1e-5)
+    assert shared["log"].keys() == padded["log"].keys()
+    for key in padded["log"]:
+        np.testing.assert_allclose(shared["log"][key], padded["log"][key], rtol=1e-4, atol=1e-6, err_msg=key)

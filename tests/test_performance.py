@@ -178,6 +178,16 @@ def test_benchmark_quick_run_writes_its_figures(tmp_path):
         "memory": {
             f"{q} / {d}" for q in ("QRPO", "QRPO, padding_free") for d in ("SFTTrainer", "bare loss (full logits)")
         },
+        "shared_prompts": {
+            "2 per prompt: QRPO, share_prompt / QRPO, padding_free",
+            "2 per prompt: QRPO, share_prompt / DPO, precomputed reference",
+            "8 per prompt: QRPO, share_prompt / QRPO, padding_free",
+            "8 per prompt: reference pass, share_prompt / padding_free",
+            "8 per prompt: demo KL scoring, share_prompt / padded",
+            "peak memory: QRPO, share_prompt / SFTTrainer",
+            "2 per prompt: positions of the shared rows / tokens of the samples",
+            "8 per prompt: positions of the shared rows / tokens of the samples",
+        },
     }
     for section, names in expected.items():
         assert set(results[section]["ratios"]) == names
@@ -187,3 +197,6 @@ def test_benchmark_quick_run_writes_its_figures(tmp_path):
     assert results["padding_waste"]["reference pass, padding_free"] == 0
     assert results["memory"]["contenders"]["QRPO"]["peak_bytes"] > 0
     assert results["memory"]["contenders"]["QRPO, padding_free"]["peak_bytes"] > 0
+    # Sharing prompts leaves fewer positions than the samples' tokens
+    for per_prompt in (2, 8):
+        assert results["shared_prompts"]["ratios"][f"{per_prompt} per prompt: positions of the shared rows / tokens of the samples"]["ratio"] < 1

@@ -8,13 +8,17 @@ prompt and the completion's index): where the policy has not moved, it draws the
 so the paired difference carries less sampling noise.
 """
 
+import contextlib
+
 import numpy as np
 import torch
 from datasets import Dataset
 from accelerate.utils import tqdm
 from scipy import stats
-from trl.trainer.utils import pad
 
+from ..kernels import per_sample_attention
+from ..pointwise_collator import DataCollatorForPointwise, model_inputs
+from ..prompt_grouping import grouped_by_length
 from ..reference_config import ReferenceConfig
 from ..reference_stage import completion_seed, generate_completions
 from ..reference_stage.decoding import decode_texts
@@ -82,7 +86,9 @@ def sample_heldout(model, tokenizer, prompts: Dataset, num_generations: int, con
 
 
 @torch.no_grad()
-def kl_to_reference(model, samples: Dataset, pad_token_id: int, batch_size: int = 8) -> dict[str, np.ndarray]:
+def kl_to_reference(
+    model, samples: Dataset, pad_token_id: int, batch_size: int = 8, share_prompt: bool = True
+) -> dict[str, np.ndarray]:
     """
     Per sample of the policy `model` (a PEFT model: the reference is the same model with its adapters disabled), from
     its sampled token ids (`prompt_ids`, `completion_ids`), never re-tokenised text:
@@ -92,29 +98,37 @@ def kl_to_reference(model, samples: Dataset, pad_token_id: int, batch_size: int 
       for every sample, and of lower variance than the log-ratio;
     - `log_ratio`: `log pi_theta(y|x) - log pi_ref(y|x)`, the plain Monte Carlo estimate of the same KL;
     - `num_tokens`: the completion's sampled tokens (its EOS included).
+
+    With `share_prompt` (sdpa or eager attention), the samples of a batch that share a prompt (each prompt's samples
+    are batched together) are packed after one copy of it (`DataCollatorForPointwise(share_prompt=True)`), so that
+    the prompt is run once per batch rather than once per sample; otherwise in right-padded batches. Same values.
     """
-    sequences = [
-        (prompt + completion, len(prompt))
-        for prompt, completion in zip(samples["prompt_ids"], samples["completion_ids"], strict=True)
-    ]
-    result = {"kl": np.zeros(len(sequences)), "log_ratio": np.zeros(len(sequences))}
-    result["num_tokens"] = np.array([len(ids) - start for ids, start in sequences], dtype=np.float64)
+    lengths = np.array([len(p) + len(c) for p, c in zip(samples["prompt_ids"], samples["completion_ids"], strict=True)])
+    result = {"kl": np.zeros(len(samples)), "log_ratio": np.zeros(len(samples))}
+    result["num_tokens"] = np.array([len(ids) for ids in samples["completion_ids"]], dtype=np.float64)
+    collator = DataCollatorForPointwise(pad_token_id, padding_free=share_prompt, share_prompt=share_prompt)
+    rows = samples.select_columns(["prompt_ids", "completion_ids"])
+    order = grouped_by_length(rows, lengths) if share_prompt else np.argsort(-lengths, kind="stable")
     with eval_mode(model):
-        order = np.argsort([-len(ids) for ids, _ in sequences], kind="stable")
         for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            input_ids = pad([torch.tensor(sequences[i][0]) for i in batch], pad_token_id, padding_side="right")
-            attention_mask = pad([torch.ones(len(sequences[i][0]), dtype=torch.long) for i in batch], 0, "right")
+            batch_rows = order[start : start + batch_size]
+            batch = collator([rows[int(i)] for i in batch_rows])
             # Position t predicts token t + 1: the mask selects the predictions of the sampled completion tokens
-            predicts_completion = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.bool)
-            for row, i in enumerate(batch):
-                predicts_completion[row, sequences[i][1] - 1 : len(sequences[i][0]) - 1] = True
-            row_of_token = predicts_completion.nonzero()[:, 0]
-            sampled = input_ids[:, 1:][predicts_completion]
+            predicts_completion = batch["completion_mask"][:, 1:].bool()
+            if share_prompt:
+                row_of_token = batch["sample_index"][:, 1:][predicts_completion]
+            else:
+                row_of_token = predicts_completion.nonzero()[:, 0]
+            sampled = batch["input_ids"][:, 1:][predicts_completion]
+            inputs = {
+                key: value.to(model.device) if torch.is_tensor(value) else value
+                for key, value in model_inputs(batch).items()
+            }
 
             def next_token_logps():
-                inputs = {"input_ids": input_ids.to(model.device), "attention_mask": attention_mask.to(model.device)}
-                logits = model(**inputs).logits
+                shared = per_sample_attention(model, shared_prompts=True) if share_prompt else contextlib.nullcontext()
+                with shared:
+                    logits = model(**inputs, use_cache=False).logits
                 # float64: the KL of two nearly equal distributions is a small difference of large terms
                 return logits[:, :-1][predicts_completion.to(model.device)].cpu().double().log_softmax(-1)
 
@@ -124,8 +138,8 @@ def kl_to_reference(model, samples: Dataset, pad_token_id: int, batch_size: int 
             token_kl = (policy_logps.exp() * (policy_logps - reference_logps)).sum(-1)
             token_log_ratio = (policy_logps - reference_logps).gather(-1, sampled[:, None])[:, 0]
             for key, values in (("kl", token_kl), ("log_ratio", token_log_ratio)):
-                per_row = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, row_of_token, values)
-                result[key][batch] = per_row.numpy()
+                per_row = torch.zeros(len(batch_rows), dtype=torch.float64).index_add_(0, row_of_token, values)
+                result[key][batch_rows] = per_row.numpy()
     return result
 
 
