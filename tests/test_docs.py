@@ -8,22 +8,12 @@ from unittest import mock
 import pytest
 
 import qrpo_trl
-from qrpo_trl import (
-    DataCollatorForPointwise,
-    PointwiseConfig,
-    PointwiseTrainer,
-    QRPOConfig,
-    QRPOTrainer,
-    ReferenceConfig,
-    RPOConfig,
-    RPOTrainer,
-    precompute_rewards,
-)
 from qrpo_trl.reference_config import ReferenceStageFields
 
 
-TRAINERS = [PointwiseTrainer, QRPOTrainer, RPOTrainer, precompute_rewards]
-CONFIGS = [PointwiseConfig, QRPOConfig, RPOConfig, ReferenceConfig]
+# The public API (`qrpo_trl.__all__`), but for the collator: trainers and `precompute_rewards`, then configs
+TRAINERS = [qrpo_trl.PointwiseTrainer, qrpo_trl.QRPOTrainer, qrpo_trl.RPOTrainer, qrpo_trl.precompute_rewards]
+CONFIGS = [qrpo_trl.PointwiseConfig, qrpo_trl.QRPOConfig, qrpo_trl.RPOConfig, qrpo_trl.ReferenceConfig]
 DOCUMENTED = TRAINERS + CONFIGS
 EXAMPLE_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 
@@ -59,7 +49,7 @@ def test_every_field_is_documented(config_class):
 
 def test_the_public_api_has_examples():
     public = {getattr(qrpo_trl, name) for name in qrpo_trl.__all__}
-    assert public - {DataCollatorForPointwise} == set(DOCUMENTED)
+    assert public - {qrpo_trl.DataCollatorForPointwise} == set(DOCUMENTED)
     assert [len(examples(documented)) for documented in DOCUMENTED] == [1] * len(DOCUMENTED)
 
 
@@ -77,5 +67,5 @@ def test_example_runs(documented, tiny_llama_path, tmp_path, monkeypatch):
         exec(code.replace(EXAMPLE_MODEL, tiny_llama_path), namespace)
     if "trainer" in namespace:
         assert namespace["trainer"].state.global_step > 0
-    if documented is precompute_rewards:
+    if documented is qrpo_trl.precompute_rewards:
         assert namespace["dataset"].column_names == ["prompt", "completion", "reward", "ref_rewards"]
