@@ -37,6 +37,19 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
     `f_alpha_divergence_coef`, `label_smoothing`, `use_weighting`, `discopop_tau`) and `sync_ref_model` must keep their
     defaults.
 
+    Example:
+
+    ```python
+    >>> from dataclasses import dataclass, field
+    >>> from qrpo_trl import PointwiseConfig
+
+    >>> @dataclass
+    ... class RewardRegressionConfig(PointwiseConfig):
+    ...     reward_scale: float = field(default=1.0, metadata={"help": "Factor of the rewards in the targets."})
+
+    >>> args = RewardRegressionConfig(output_dir="Qwen2.5-0.5B-RewardRegression", beta=0.05, reward_scale=2.0)
+    ```
+
     Parameters:
         beta (`float`, *optional*, defaults to `0.1`):
             KL coefficient of the regularised objective `E[R] - beta * KL(pi || pi_ref)`. Higher β keeps the policy
@@ -60,6 +73,11 @@ class PointwiseConfig(DPOConfig, ReferenceStageFields):
             Whether the policy and reference log-probabilities are those of the logits divided by `temperature` (the
             official QRPO code's option of the same name): when the reference completions were sampled at a
             temperature T != 1, the quantile's reference distribution is then the one the regression uses.
+        padding_free (`bool`, *optional*, defaults to `False`):
+            Whether to pack the samples of each batch into one row, without padding (DPOTrainer disables this field,
+            its pairwise collator cannot pack; a pointwise sample has no partner). Attention stays within each sample,
+            and log-probabilities, loss and gradients equal those of the padded batch; the reference pass packs too.
+            Not for encoder-decoder models nor prompt-learning PEFT (a `ValueError`).
         share_prompt (`bool`, *optional*, defaults to `False`):
             With `padding_free=True`: the completions of one prompt that fall in the same batch are packed after one
             copy of it, which is computed once and receives the gradients of all of them (training and the reference

@@ -36,6 +36,7 @@ from .data_utils import (
     pointwise_batch,
     to_pointwise,
 )
+from .docstrings import POINTWISE_TRAINER_ARGS, with_args_doc
 from .kernels import compact_fused_lm_head, per_sample_attention
 from .metrics import PairMetricsMixin
 from .non_finite import StopOnNonFiniteGradients
@@ -68,15 +69,20 @@ def _paired_samples(args, dataset_name: str) -> str:
     return args.paired_samples if dataset_name == "train" else "both"
 
 
+@with_args_doc(POINTWISE_TRAINER_ARGS)
 class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
     """
-    Base of the pointwise trainers: a `trl.DPOTrainer` whose dataset is made of single (prompt, completion, reward)
+    Base of the pointwise trainers: a [`~trl.DPOTrainer`] whose dataset is made of single (prompt, completion, reward)
     samples and whose loss regresses `beta * log(pi_theta / pi_ref)` onto a per-sample target computed once, before
     training, by `_precompute_ref_logps` (with the reference log-prob pass when the target or `precompute_ref_log_probs`
-    needs it; see `qrpo_trl.reference_logps`).
+    needs it; see `qrpo_trl.reference_logps`). The constructor takes [`~trl.DPOTrainer`]'s arguments, then (as
+    [`~trl.GRPOTrainer`] names them) `reward_funcs` and `reward_processing_classes`: with them, a dataset that lacks
+    rewards (or QRPO's reference rewards) is completed by the reference stage (see [`precompute_rewards`]) before the
+    targets are made.
 
-    A new method subclasses it, sets `_config_class` (a `PointwiseConfig` subclass) and `_name`, and says how its target
-    is made by overriding these class attributes and hooks (defined in the "Hooks of the subclasses" section below):
+    A new method subclasses it, sets `_config_class` (a [`PointwiseConfig`] subclass) and `_name`, and says how its
+    target is made by overriding these class attributes and hooks (defined in the "Hooks of the subclasses" section
+    below):
 
     - `_reference_columns`: columns the dataset needs on top of the accepted formats (any one of them);
     - `_metric_columns`: per-sample columns of `_regression_targets` whose batch mean is logged;
@@ -86,9 +92,56 @@ class PointwiseTrainer(ReferenceLogProbsMixin, PairMetricsMixin, DPOTrainer):
     - `_target_statistics` / `_regression_targets`: the target columns, from dataset statistics of the training set;
     - `_loss_scale`: the factor in front of the penalty on the residual.
 
-    The constructor takes the same arguments as `trl.DPOTrainer`, then (as `trl.GRPOTrainer` names them)
-    `reward_funcs` and `reward_processing_classes`: with them, a dataset that lacks rewards (or QRPO's reference
-    rewards) is completed by the reference stage (see `precompute_rewards`) before the targets are made.
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from datasets import Dataset
+    >>> from qrpo_trl import PointwiseConfig, PointwiseTrainer
+
+    >>> class RewardRegressionTrainer(PointwiseTrainer):
+    ...     # Regresses beta * log(pi_theta / pi_ref) onto the reward minus its mean over the training set
+    ...     _config_class = PointwiseConfig
+    ...     _name = "RewardRegression"
+    ...
+    ...     def _target_statistics(self, dataset, ref_logps):
+    ...         return {"mean_reward": float(np.mean(dataset["reward"]))}
+    ...
+    ...     def _regression_targets(self, dataset, ref_logps, statistics):
+    ...         return {"target": np.asarray(dataset["reward"], dtype=np.float64) - statistics["mean_reward"]}
+
+    >>> dataset = Dataset.from_dict(
+    ...     {
+    ...         "prompt": ["The sky is", "The sky is", "The sea is"],
+    ...         "completion": [" blue.", " green.", " blue."],
+    ...         "reward": [1.0, 0.0, 1.0],
+    ...     }
+    ... )
+    >>> trainer = RewardRegressionTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", train_dataset=dataset)
+    >>> trainer.train()
+    ```
+
+    Args:
+        args ([`PointwiseConfig`], *optional*):
+            Configuration for this trainer, an instance of the trainer's `_config_class`. If `None`, a default
+            configuration is used, with `output_dir` named after the model (`<model name>-<_name>`).
+        train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
+            Dataset to use for training, [standard](dataset_formats#standard) (plain text) or
+            [conversational](dataset_formats#conversational) (lists of `{"role", "content"}` messages), in one of the
+            formats:
+
+            - pointwise: `prompt`, `completion`, `reward`;
+            - paired with scores: `prompt`, `chosen`, `rejected` and `chosen_reward`/`rejected_reward` (or
+              `score_chosen`/`score_rejected`, or `chosen_rewards`/`rejected_rewards`): each pair becomes two
+              pointwise samples, or one of them (`args.paired_samples`);
+
+            plus one of the method's `_reference_columns`. Reference log-probabilities given as `ref_logps`
+            (pointwise) or `ref_chosen_logps`/`ref_rejected_logps` (paired) are used as they are. Given
+            `reward_funcs`, the reference stage fills in missing rewards, and a prompt-only dataset (`prompt`) becomes
+            `args.num_generations` completions per prompt sampled from the reference model. A streamed
+            [`~datasets.IterableDataset`] is prepared batch by batch as it is read; it needs
+            `args.precompute_ref_log_probs=False` and `args.max_steps`, and a method whose targets can be made row by
+            row (`_check_streamable`).
     """
 
     _config_class = PointwiseConfig

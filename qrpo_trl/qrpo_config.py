@@ -14,9 +14,19 @@ class QRPOConfig(PointwiseConfig):
     the same prompt (`ref_rewards`), and the policy regresses `beta * log(pi_theta / pi_ref)` onto
     `f(q) - beta * log Z_f`, where the partition function `Z_f` of the transformed quantile is known in closed form.
 
-    Only the parameters specific to QRPO are listed here; see [`PointwiseConfig`] for `beta`,
-    `precompute_ref_log_probs` and `logps_normalization`, and [`~trl.DPOConfig`] and
-    [`~transformers.TrainingArguments`] for the rest.
+    Only the parameters specific to QRPO are listed here; see [`PointwiseConfig`] for those of every pointwise trainer
+    (`beta`, `precompute_ref_log_probs`, `logps_normalization`, `regression_loss`, ...) and of the reference stage, and
+    [`~trl.DPOConfig`] and [`~transformers.TrainingArguments`] for the rest.
+
+    Example:
+
+    ```python
+    >>> from qrpo_trl import QRPOConfig
+
+    >>> # The QRPO paper's LeetCode run (configs/qrpo_tulu3_8b_leetcode.yaml): the first 20 reference rewards of
+    >>> # each prompt, identity transform, beta 1e-2
+    >>> args = QRPOConfig(output_dir="Tulu-3-8B-QRPO", beta=0.01, num_ref_rewards=20, learning_rate=3e-7)
+    ```
 
     Parameters:
         transform (`str`, *optional*, defaults to `"identity"`):

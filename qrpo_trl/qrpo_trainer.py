@@ -4,6 +4,7 @@ import numpy as np
 from datasets import Dataset
 
 from .data_utils import float_column, ragged_float_column, reward_columns
+from .docstrings import POINTWISE_TRAINER_ARGS, with_args_doc
 from .pointwise_collator import completion_lengths
 from .pointwise_trainer import PointwiseTrainer
 from .qrpo_config import QRPOConfig
@@ -19,6 +20,7 @@ from .targets import (
 )
 
 
+@with_args_doc(POINTWISE_TRAINER_ARGS)
 class QRPOTrainer(PointwiseTrainer):
     """
     Trainer for Quantile Reward Policy Optimization (QRPO), from the paper [Quantile Reward Policy Optimization:
@@ -31,33 +33,51 @@ class QRPOTrainer(PointwiseTrainer):
     `f(q) - beta * log Z_f` with a squared loss, where `Z_f` is known in closed form (see [`QRPOConfig`]). Targets and
     reference log-probabilities are computed once, before training.
 
-    Dataset formats (standard text or conversational):
+    Example:
 
-    - pointwise: `prompt`, `completion`, `reward`, and `ref_rewards` (list of floats) or a precomputed
-      `quantile_reward`;
-    - paired with scores: `prompt`, `chosen`, `rejected`, `chosen_reward`/`rejected_reward` (or
-      `score_chosen`/`score_rejected`) and `ref_rewards`: each pair becomes two pointwise samples.
+    ```python
+    >>> from datasets import Dataset
+    >>> from qrpo_trl import QRPOTrainer
 
-    If both `ref_rewards` and `quantile_reward` are present, the quantile is computed from `ref_rewards`.
-
-    A streamed `IterableDataset` (as train or eval dataset) is prepared batch by batch as it is read, with
-    `precompute_ref_log_probs=False`: the reference log-probabilities are computed at every step. It cannot be used
-    with `transform="scaled_normal_icdf"` (its scale is a mean over all training prompts) nor completed by
-    `reward_funcs`.
-
-    Given `reward_funcs`, the reference stage (see [`precompute_rewards`]) completes a dataset that lacks them: it
-    samples `num_generations` completions per prompt from the reference model and scores them (`ref_rewards`), and
-    scores the completions that have no `reward`. A prompt-only dataset is trained on completions sampled from the reference
-    model, whose `ref_rewards` then include the sample itself: set `exclude_self_from_ref=True`.
+    >>> dataset = Dataset.from_dict(
+    ...     {
+    ...         "prompt": ["The sky is", "The sea is"],
+    ...         "completion": [" blue.", " made of grass."],
+    ...         "reward": [0.9, 0.1],
+    ...         "ref_rewards": [[0.2, 0.5, 0.7, 0.95], [0.3, 0.4, 0.6, 0.8]],
+    ...     }
+    ... )
+    >>> trainer = QRPOTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", train_dataset=dataset)
+    >>> trainer.train()
+    ```
 
     Args:
-        Same as [`~trl.DPOTrainer`], with `args` a [`QRPOConfig`], then:
-        reward_funcs (`str`, [`~transformers.PreTrainedModel`], callable, or a list of them, *optional*):
-            Reward functions, in [`~trl.GRPOTrainer`]'s convention: callables called with `prompts=`, `completions=`,
-            `completion_ids=` and the other dataset columns as keyword arguments; reward-model paths, loaded with
-            `AutoModelForSequenceClassification` (one label); or reward models. Weighted by `args.reward_weights`.
-        reward_processing_classes ([`~transformers.PreTrainedTokenizerBase`] or list, *optional*):
-            Tokenizers of the reward models, in the order of `reward_funcs`; loaded from their paths if `None`.
+        args ([`QRPOConfig`], *optional*):
+            Configuration for this trainer. If `None`, a default configuration is used, with `output_dir` named after
+            the model (`<model name>-QRPO`).
+        train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
+            Dataset to use for training, [standard](dataset_formats#standard) (plain text) or
+            [conversational](dataset_formats#conversational) (lists of `{"role", "content"}` messages), in one of the
+            formats:
+
+            - pointwise: `prompt`, `completion`, `reward`, and `ref_rewards` (a list of floats per row) or a
+              precomputed `quantile_reward` in [0, 1]; if both are present, the quantile is computed from
+              `ref_rewards`;
+            - paired with scores: `prompt`, `chosen`, `rejected`, `chosen_reward`/`rejected_reward` (or
+              `score_chosen`/`score_rejected`, or `chosen_rewards`/`rejected_rewards`) and `ref_rewards`: each pair
+              becomes two pointwise samples, or one of them (`args.paired_samples`).
+
+            Reference log-probabilities given as `ref_logps` (pointwise) or `ref_chosen_logps`/`ref_rejected_logps`
+            (paired) are used as they are. Given `reward_funcs`, the reference stage (see [`precompute_rewards`])
+            completes a dataset that lacks them: it samples `args.num_generations` completions per prompt from the
+            reference model and scores them (`ref_rewards`), and scores the completions that have no `reward`. A
+            prompt-only dataset is trained on completions sampled from the reference model, whose `ref_rewards` then
+            include the sample itself: set `exclude_self_from_ref=True`.
+
+            A streamed [`~datasets.IterableDataset`] is prepared batch by batch as it is read, with
+            `args.precompute_ref_log_probs=False` (the reference log-probabilities are computed at every step) and
+            `args.max_steps`. It cannot be used with `transform="scaled_normal_icdf"` (its scale is a mean over all
+            training prompts) nor completed by `reward_funcs`.
     """
 
     _config_class = QRPOConfig

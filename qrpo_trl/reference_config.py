@@ -162,6 +162,16 @@ class ReferenceConfig(ReferenceStageFields):
     fields in their config ([`QRPOConfig`], [`RPOConfig`]), with `TrainingArguments.seed` as the seed. Field names
     follow [`~trl.GRPOConfig`] where the meaning is the same.
 
+    Example:
+
+    ```python
+    >>> from qrpo_trl import ReferenceConfig
+
+    >>> # 50 reference completions of at most 2048 tokens per prompt, as the QRPO paper's pipeline sampled them
+    >>> # (configs/precompute_tulu3_8b_ultrafeedback.yaml), cached on storage every machine mounts
+    >>> args = ReferenceConfig(num_generations=50, max_completion_length=2048, reference_cache_dir="/shared/qrpo_cache")
+    ```
+
     Parameters:
         seed (`int`, *optional*, defaults to `42`):
             Seed of the sampling. Each completion has its own random stream, derived from the seed, the prompt's token

@@ -17,9 +17,21 @@ class RPOConfig(PointwiseConfig):
     This is not TRL's former `rpo_alpha` ("iterative reasoning preference optimization", a DPO + NLL mix removed in TRL
     0.29).
 
-    Only the parameters specific to RPO are listed here; see [`PointwiseConfig`] for `beta`,
-    `precompute_ref_log_probs` and `logps_normalization` (the paper's code uses `"mean"`), and [`~trl.DPOConfig`] and
-    [`~transformers.TrainingArguments`] for the rest.
+    Only the parameters specific to RPO are listed here; see [`PointwiseConfig`] for those of every pointwise trainer
+    (`beta`, `precompute_ref_log_probs`, `logps_normalization` (the paper's code uses `"mean"`), `regression_loss`,
+    ...) and of the reference stage, and [`~trl.DPOConfig`] and [`~transformers.TrainingArguments`] for the rest.
+
+    Example:
+
+    ```python
+    >>> from qrpo_trl import RPOConfig
+
+    >>> # The RPO paper's settings (configs/rpo_flan_t5.yaml): tau = 1, z-scored rewards, and per-token mean
+    >>> # log-probabilities as its code computes them
+    >>> args = RPOConfig(
+    ...     output_dir="Qwen2.5-0.5B-RPO", beta=1.0, normalize_rewards=True, logps_normalization="mean"
+    ... )
+    ```
 
     Parameters:
         value_estimator (`str`, *optional*, defaults to `"ref_weighted"`):

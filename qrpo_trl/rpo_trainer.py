@@ -4,6 +4,7 @@ import numpy as np
 from accelerate.logging import get_logger
 
 from .data_utils import completion_groups, float_column, prompt_groups, reward_columns
+from .docstrings import POINTWISE_TRAINER_ARGS, with_args_doc
 from .pointwise_trainer import PointwiseTrainer
 from .rpo_config import RPOConfig
 from .targets import label_means, rpo_values
@@ -12,6 +13,7 @@ from .targets import label_means, rpo_values
 logger = get_logger(__name__)
 
 
+@with_args_doc(POINTWISE_TRAINER_ARGS)
 class RPOTrainer(PointwiseTrainer):
     """
     Trainer for Reward Partitioning Optimization (RPO), from the paper "Value-Free Policy Optimization via Reward
@@ -25,23 +27,44 @@ class RPOTrainer(PointwiseTrainer):
     the observed completions of each prompt, so a prompt with a single completion degenerates to maximising its
     likelihood.
 
-    Dataset formats (standard text or conversational): pointwise `prompt`, `completion`, `reward`, with several
-    completions per prompt; or paired with scores (`prompt`, `chosen`, `rejected`, `chosen_reward`/`rejected_reward` or
-    `score_chosen`/`score_rejected`), each pair becoming two pointwise samples. Not a streamed `IterableDataset`: V(x)
-    needs every completion of the prompt before training.
+    Example:
 
-    Given `reward_funcs`, the reference stage (see [`precompute_rewards`]) scores the completions that have no reward,
-    and turns a prompt-only dataset into `num_generations` completions per prompt sampled from the reference model.
-    Such data is on-policy for the reference model, which is what `value_estimator="monte_carlo"` assumes.
+    ```python
+    >>> from datasets import Dataset
+    >>> from qrpo_trl import RPOConfig, RPOTrainer
+
+    >>> dataset = Dataset.from_dict(
+    ...     {
+    ...         "prompt": ["The sky is", "The sky is", "The sea is", "The sea is"],
+    ...         "completion": [" blue.", " green.", " deep.", " made of grass."],
+    ...         "reward": [1.0, 0.2, 0.8, 0.0],
+    ...     }
+    ... )
+    >>> args = RPOConfig(output_dir="Qwen2.5-0.5B-RPO", beta=0.5, normalize_rewards=True)
+    >>> trainer = RPOTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", args=args, train_dataset=dataset)
+    >>> trainer.train()
+    ```
 
     Args:
-        Same as [`~trl.DPOTrainer`], with `args` an [`RPOConfig`], then:
-        reward_funcs (`str`, [`~transformers.PreTrainedModel`], callable, or a list of them, *optional*):
-            Reward functions, in [`~trl.GRPOTrainer`]'s convention: callables called with `prompts=`, `completions=`,
-            `completion_ids=` and the other dataset columns as keyword arguments; reward-model paths, loaded with
-            `AutoModelForSequenceClassification` (one label); or reward models. Weighted by `args.reward_weights`.
-        reward_processing_classes ([`~transformers.PreTrainedTokenizerBase`] or list, *optional*):
-            Tokenizers of the reward models, in the order of `reward_funcs`; loaded from their paths if `None`.
+        args ([`RPOConfig`], *optional*):
+            Configuration for this trainer. If `None`, a default configuration is used, with `output_dir` named after
+            the model (`<model name>-RPO`).
+        train_dataset ([`~datasets.Dataset`]):
+            Dataset to use for training, [standard](dataset_formats#standard) (plain text) or
+            [conversational](dataset_formats#conversational) (lists of `{"role", "content"}` messages), in one of the
+            formats:
+
+            - pointwise: `prompt`, `completion`, `reward`, with several completions per prompt;
+            - paired with scores: `prompt`, `chosen`, `rejected`, `chosen_reward`/`rejected_reward` (or
+              `score_chosen`/`score_rejected`, or `chosen_rewards`/`rejected_rewards`): each pair becomes two
+              pointwise samples, or one of them (`args.paired_samples`).
+
+            Reference log-probabilities given as `ref_logps` (pointwise) or `ref_chosen_logps`/`ref_rejected_logps`
+            (paired) are used as they are. Not a streamed [`~datasets.IterableDataset`]: `V(x)` needs every
+            completion of the prompt before training. Given `reward_funcs`, the reference stage (see
+            [`precompute_rewards`]) scores the completions that have no reward, and turns a prompt-only dataset into
+            `args.num_generations` completions per prompt sampled from the reference model: data on-policy for the
+            reference model, which is what `value_estimator="monte_carlo"` assumes.
     """
 
     _config_class = RPOConfig

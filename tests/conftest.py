@@ -2,6 +2,8 @@
 
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -12,9 +14,12 @@ import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     T5Config,
     T5ForConditionalGeneration,
@@ -67,11 +72,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_llama(tokenizer, seed: int = 0, hidden_size: int = 16) -> LlamaForCausalLM:
-    config = LlamaConfig(
+def tiny_decoder_settings(tokenizer) -> dict:
+    """The config settings every tiny decoder of the tests shares (Llama, the MoE models): size and special tokens."""
+    return dict(
         vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
@@ -80,6 +84,11 @@ def build_tiny_llama(tokenizer, seed: int = 0, hidden_size: int = 16) -> LlamaFo
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def build_tiny_llama(tokenizer, seed: int = 0, hidden_size: int = 16) -> LlamaForCausalLM:
+    settings = tiny_decoder_settings(tokenizer)
+    config = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, **settings)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -120,6 +129,14 @@ def build_tiny_reward_model(tokenizer, seed: int = 1) -> LlamaForSequenceClassif
     return LlamaForSequenceClassification(config)
 
 
+def save_checkpoint(tmp_path_factory, name: str, model, tokenizer) -> str:
+    """`model` saved with its tokenizer in a new temp dir, loadable by path like a Hub checkpoint."""
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
@@ -127,11 +144,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory, tokenizer):
-    """A saved tiny Llama checkpoint with its tokenizer, loadable by path like a Hub model."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_llama(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_checkpoint(tmp_path_factory, "tiny-llama", build_tiny_llama(tokenizer), tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -141,20 +154,39 @@ def t5_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_t5_path(tmp_path_factory, t5_tokenizer):
-    """A saved tiny T5 checkpoint with its tokenizer, loadable by path like a Flan-T5 from the Hub."""
-    path = tmp_path_factory.mktemp("tiny-t5")
-    build_tiny_t5(t5_tokenizer).save_pretrained(path)
-    t5_tokenizer.save_pretrained(path)
-    return str(path)
+    return save_checkpoint(tmp_path_factory, "tiny-t5", build_tiny_t5(t5_tokenizer), t5_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def tiny_reward_model_path(tmp_path_factory, tokenizer):
-    """A saved tiny Llama reward model with its tokenizer, loadable by path like a Hub reward model."""
-    path = tmp_path_factory.mktemp("tiny-reward-model")
-    build_tiny_reward_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_checkpoint(tmp_path_factory, "tiny-reward-model", build_tiny_reward_model(tokenizer), tokenizer)
+
+
+@dataclass
+class Architecture:
+    """A tiny model of one architecture: its saved checkpoint and tokenizer, and how the tests build and check it."""
+
+    name: str
+    path: str
+    tokenizer: PreTrainedTokenizerBase
+    model_class: type
+    build: Callable  # a fresh model from the tokenizer, in train mode (dropout on)
+    sequence_logps: Callable  # log pi(completion | prompt) by an independent forward
+    lora_modules: list[str]
+
+
+@pytest.fixture(params=["llama", "t5"])
+def architecture(request) -> Architecture:
+    """The tiny Llama (decoder-only) and the tiny T5 (encoder-decoder), for what must hold for both."""
+    if request.param == "llama":
+        return Architecture(
+            "llama", request.getfixturevalue("tiny_llama_path"), request.getfixturevalue("tokenizer"),
+            AutoModelForCausalLM, build_tiny_llama, sequence_logps, ["q_proj", "v_proj"],
+        )
+    return Architecture(
+        "t5", request.getfixturevalue("tiny_t5_path"), request.getfixturevalue("t5_tokenizer"),
+        AutoModelForSeq2SeqLM, build_tiny_t5, seq2seq_sequence_logps, ["q", "v"],
+    )
 
 
 def make_args(config_class, output_dir, **overrides):
@@ -226,3 +258,14 @@ def assert_loss_logged(trainer):
 
 def snapshot(model):
     return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def assert_trained(model, before) -> None:
+    """
+    TRL's check after training: every parameter changed since `before` (a `snapshot`); for a LoRA model, every adapter
+    weight changed and no base weight did.
+    """
+    lora = any("lora_" in name for name, _ in model.named_parameters())
+    for name, param in model.named_parameters():
+        trained = "lora_" in name or not lora
+        assert torch.equal(param, before[name]) != trained, f"{name} {'did not change' if trained else 'changed'}"

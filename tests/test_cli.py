@@ -2,7 +2,9 @@
 input."""
 
 import json
+import sys
 import tomllib
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import datasets
@@ -10,17 +12,19 @@ import pytest
 import torch
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
-from conftest import pointwise_rows
+from conftest import assert_trained, pointwise_rows, snapshot
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from trl import DatasetMixtureConfig, ScriptArguments
 
 from qrpo_trl.cli import COMMANDS, command_parser, main, resolve_accelerate_config
-from qrpo_trl.scripts.utils import load_datasets
+from qrpo_trl import DROTrainer, QRPOTrainer, RPOTrainer
+from qrpo_trl.scripts.utils import build_trainer, load_datasets
 
 
 ROOT = Path(__file__).parent.parent
+TRAINERS = {"qrpo": QRPOTrainer, "rpo": RPOTrainer, "dro": DROTrainer}
 
 
 @pytest.fixture(autouse=True)
@@ -67,9 +71,17 @@ def fails(argv, capsys, code: int) -> str:
     return lines[0]
 
 
-def test_console_script_is_the_cli():
+def test_console_script_runs_the_cli(monkeypatch, capsys):
+    """The installed `qrpo-trl` script is the one pyproject.toml declares, and runs as the script does: `main()`."""
     with open(ROOT / "pyproject.toml", "rb") as f:
-        assert tomllib.load(f)["project"]["scripts"] == {"qrpo-trl": "qrpo_trl.cli:main"}
+        declared = tomllib.load(f)["project"]["scripts"]
+    installed = {script.name: script for script in entry_points(group="console_scripts") if script.dist.name == "qrpo-trl"}
+    assert {name: script.value for name, script in installed.items()} == declared
+    monkeypatch.setattr(sys, "argv", ["qrpo-trl", "qrpo", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        installed["qrpo-trl"].load()()
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: qrpo-trl qrpo [-h]")
 
 
 def test_help(capsys):
@@ -91,8 +103,7 @@ def test_command_trains_and_saves_a_model(recipe, tmp_path, tiny_llama_path, cap
     assert f"Model saved to {tmp_path / 'out'}" in capsys.readouterr().out
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     initial = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
-    for (name, param), initial_param in zip(trained.named_parameters(), initial.parameters(), strict=True):
-        assert not torch.equal(param, initial_param), f"{name} did not change"
+    assert_trained(trained, snapshot(initial))
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
 
 
@@ -200,18 +211,35 @@ def test_shipped_accelerate_configs(name):
 @pytest.mark.parametrize(
     "path", sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name.split("_")[0] in COMMANDS)
 )
-def test_recipes_parse(path):
+def test_recipes_build_their_trainers(path, tmp_path, tiny_llama_path, tiny_t5_path):
+    """
+    Each recipe, parsed by its command (which rejects unknown fields, see `test_bad_fields`), builds the command's
+    trainer as the command does, with a tiny model of the recipe's architecture and a local dataset in place of the
+    Hub's.
+    """
     command = path.split("_")[0]
-    if command == "precompute":  # no training arguments
+    if command == "precompute":  # no trainer: the reference stage's settings
         script_args, reference_args, *_ = command_parser(command).parse_command(["--config", str(ROOT / "configs" / path)])
         assert script_args.reward_funcs and reference_args.num_generations >= 3
         return
     # On a machine without GPU, bf16 needs `use_cpu`
     parsed = command_parser(command).parse_command(["--config", str(ROOT / "configs" / path), "--use_cpu"])
-    training_args, launch_args = parsed[1], parsed[-1]
+    script_args, training_args, model_args, dataset_args, launch_args = parsed
     if "tulu3" in path:  # the paper's global batch: 128 pairs, 256 completions
         processes = launch_args.num_processes or 1
         assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * processes == 256
+    encoder_decoder = "flan_t5" in path
+    model_args.model_name_or_path = tiny_t5_path if encoder_decoder else tiny_llama_path
+    splits = {script_args.dataset_train_split, script_args.dataset_test_split}
+    rows = pointwise_rows(num_refs=20)  # as many reference rewards as a recipe uses
+    DatasetDict({split: Dataset.from_dict(rows) for split in splits}).save_to_disk(tmp_path / "data")
+    script_args.dataset_name, dataset_args.datasets = str(tmp_path / "data"), []
+    training_args.output_dir = str(tmp_path / "out")
+    trainer = build_trainer(TRAINERS[command], script_args, training_args, model_args, dataset_args)
+    assert trainer.is_encoder_decoder == encoder_decoder
+    assert trainer.model.dtype == getattr(torch, model_args.dtype or "float32")
+    assert hasattr(trainer.model, "peft_config") == model_args.use_peft
+    assert len(trainer.train_dataset) == 12 and (trainer.eval_dataset is None) == (training_args.eval_strategy == "no")
 
 
 def test_load_datasets(tmp_path):

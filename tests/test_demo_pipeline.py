@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from unittest import mock
 
 import pytest
 
@@ -160,9 +161,19 @@ def test_quick_defaults_and_overrides():
     quick = parse_config(["--quick"])
     assert quick.quick and quick.output_dir == "outputs/demo-quick"
     assert parse_config(["--quick", "--beta", "0.7"]).beta == 0.7
-    # Mixed precision: resolved from the CPU unless set; the quick variant stays in float32
-    assert parse_config([]).bf16 in (True, False) and parse_config(["--bf16", "false"]).bf16 is False
-    assert quick.bf16 is False and parse_config(["--quick", "--bf16", "true"]).bf16 is True
+
+
+@pytest.mark.parametrize("avx512_bf16, amx", [(False, False), (True, False), (False, True)], ids=["none", "avx512_bf16", "amx"])
+def test_bf16_follows_the_cpu_unless_set(avx512_bf16, amx):
+    """On where the CPU computes bfloat16 natively (AVX512-BF16 or AMX), off elsewhere; the quick variant in float32."""
+    with (
+        mock.patch("torch.cpu._is_avx512_bf16_supported", return_value=avx512_bf16),
+        mock.patch("torch.cpu._is_amx_tile_supported", return_value=amx),
+    ):
+        assert parse_config([]).bf16 is (avx512_bf16 or amx)
+        assert parse_config(["--bf16", str(not (avx512_bf16 or amx))]).bf16 is not (avx512_bf16 or amx)
+        assert parse_config(["--quick"]).bf16 is False
+        assert parse_config(["--quick", "--bf16", "true"]).bf16 is True
 
 
 @pytest.mark.parametrize(

@@ -1,28 +1,17 @@
 """
-Encoder-decoder models on a tiny Flan-T5-like T5: tokenisation, training, the reference pass, dropout, recipes, and
-reference completions sampled from T5.
+Encoder-decoder models on a tiny Flan-T5-like T5: tokenisation, batches, dropout, bad input, and reference completions
+sampled from T5. Training and the reference pass, the same for both architectures, are tested on T5 too in
+test_trainers.py (the `architecture` fixture).
 """
 
 import glob
 import logging
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import (
-    assert_loss_logged,
-    build_tiny_t5,
-    logged,
-    make_args,
-    pointwise_rows,
-    seq2seq_sequence_logps,
-    snapshot,
-)
+from conftest import assert_loss_logged, assert_trained, build_tiny_t5, make_args, pointwise_rows, snapshot
 from datasets import Dataset
-from peft import LoraConfig
 from transformers import AutoModelForSeq2SeqLM, LogitsProcessorList
-from trl import ModelConfig, ScriptArguments, TrlParser
 from trl.trainer.utils import disable_dropout_in_model
 
 from qrpo_trl import (
@@ -37,13 +26,6 @@ from qrpo_trl import (
 )
 from qrpo_trl.pointwise_trainer import disable_float_dropout
 from qrpo_trl.reference_stage import PerSequenceSampler, completion_seed
-
-
-METHODS = pytest.mark.parametrize(
-    "trainer_class, config_class", [(QRPOTrainer, QRPOConfig), (RPOTrainer, RPOConfig)], ids=["qrpo", "rpo"]
-)
-LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"])
-CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 @pytest.fixture
@@ -96,63 +78,6 @@ def test_collator_splits_truncated_samples_into_encoder_inputs_and_labels():
     assert batch["labels"].tolist() == [[7, 1, -100], [8, 9, 1]]
 
 
-@METHODS
-@pytest.mark.parametrize("peft_config", [None, LORA], ids=["full", "lora"])
-def test_train(tiny_t5_path, t5_tokenizer, dataset, tmp_path, trainer_class, config_class, peft_config):
-    # The model by path, and for LoRA as an instance (fresh from its config: in train mode, with dropout)
-    model = tiny_t5_path if peft_config is None else build_tiny_t5(t5_tokenizer)
-    trainer = trainer_class(
-        model=model,
-        args=make_args(config_class, tmp_path),
-        train_dataset=dataset,
-        eval_dataset=dataset,
-        processing_class=t5_tokenizer,
-        peft_config=peft_config,
-    )
-    before = snapshot(trainer.model)
-    trainer.train()
-    assert_loss_logged(trainer)
-    metric = "quantile" if trainer_class is QRPOTrainer else "value"
-    assert np.isfinite(logged(trainer, metric)).all()
-    for name, param in trainer.model.named_parameters():
-        if peft_config is None or "lora_" in name:
-            assert not torch.equal(param, before[name]), f"{name} did not change"
-        else:
-            assert torch.equal(param, before[name]), f"base parameter {name} changed"
-    assert np.isfinite(trainer.evaluate()["eval_loss"])
-
-
-@METHODS
-@pytest.mark.parametrize("reference", ["checkpoint", "ref_model", "lora"])
-def test_precompute_on_and_off_give_the_same_loss(
-    tiny_t5_path, t5_tokenizer, dataset, tmp_path, trainer_class, config_class, reference
-):
-    """Off, the reference is reloaded from the checkpoint path, given (built in train mode, with dropout), or LoRA's."""
-    first_losses = []
-    for precompute in (True, False):
-        args = make_args(config_class, tmp_path / str(precompute), max_steps=2, precompute_ref_log_probs=precompute)
-        kwargs = {"ref_model": build_tiny_t5(t5_tokenizer)} if reference == "ref_model" else {}
-        peft_config = LORA if reference == "lora" else None
-        trainer = trainer_class(model=tiny_t5_path, args=args, train_dataset=dataset, peft_config=peft_config, **kwargs)
-        assert ("ref_logps" in trainer.train_dataset.column_names) == precompute
-        trainer.train()
-        first_losses.append(logged(trainer)[:2])
-    np.testing.assert_allclose(first_losses[0], first_losses[1], rtol=1e-5)
-
-
-@pytest.mark.parametrize("normalization", ["sum", "mean"])
-def test_reference_logps_match_an_independent_forward(tiny_t5_path, dataset, tmp_path, normalization):
-    # Batches of 3 mix prompts and completions of different lengths: padding on both sides
-    args = make_args(QRPOConfig, tmp_path, logps_normalization=normalization, precompute_ref_batch_size=3)
-    trainer = QRPOTrainer(model=tiny_t5_path, args=args, train_dataset=dataset)
-    reference = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_path)
-    prepared = trainer.train_dataset
-    expected = [
-        seq2seq_sequence_logps(reference, row["prompt_ids"], row["completion_ids"], normalization) for row in prepared
-    ]
-    np.testing.assert_allclose(prepared["ref_logps"], expected, rtol=1e-5)
-
-
 def test_t5_attention_dropout_is_disabled(tiny_t5_path, t5_tokenizer, dataset, tmp_path):
     model = build_tiny_t5(t5_tokenizer).train()
     input_ids, labels = torch.randint(3, len(t5_tokenizer), (4, 6)), torch.randint(3, len(t5_tokenizer), (4, 3))
@@ -190,24 +115,6 @@ def test_bad_input(tiny_t5_path, tmp_path, caplog):
     assert "1 of 4 samples of the train dataset exceed max_length=5 tokens and are truncated (keep_start)" in caplog.text
     trainer.train()
     assert_loss_logged(trainer)
-
-
-@pytest.mark.parametrize(
-    "recipe, config_class",
-    [("rpo_flan_t5.yaml", RPOConfig), ("qrpo_flan_t5.yaml", QRPOConfig), ("dro_flan_t5.yaml", DROConfig)],
-    ids=["rpo", "qrpo", "dro"],
-)
-def test_recipes_parse(recipe, config_class):
-    parser = TrlParser((config_class, ModelConfig, ScriptArguments))
-    # On a CPU-only machine a bf16 config needs `use_cpu`, given on the command line as it would be
-    args, model_args, _ = parser.parse_args_and_config(args=["--config", str(CONFIGS / recipe), "--use_cpu", "true"])
-    assert model_args.model_name_or_path.startswith("google/flan-t5-")
-    assert (args.learning_rate, args.lr_scheduler_type, args.warmup_steps) == (1e-4, "linear", 150)
-    assert args.optim == "adamw_torch"
-    if config_class in (RPOConfig, DROConfig):
-        assert args.beta == 1.0 and args.normalize_rewards
-    if config_class is DROConfig:
-        assert (args.value_head, args.value_head_hidden_size, args.value_learning_rate) == ("mlp", 512, 1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -339,43 +246,7 @@ def test_qrpo_trains_on_t5_reference_completions_scored_by_a_reward_function(tin
     before = snapshot(trainer.model)
     trainer.train()
     assert_loss_logged(trainer)
-    for name, param in trainer.model.named_parameters():
-        assert not torch.equal(param, before[name]), f"{name} did not change"
-
-
-def test_rpo_trains_on_completions_sampled_from_t5_for_prompts(tiny_t5_path, tmp_path):
-    args = make_args(
-        RPOConfig, tmp_path / "out", num_generations=4, max_completion_length=6, value_estimator="monte_carlo",
-        reference_cache_dir=str(tmp_path / "cache"),
-    )
-    trainer = RPOTrainer(
-        model=tiny_t5_path, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS[:3]}),
-        reward_funcs=word_count,
-    )
-    prepared = trainer.train_dataset
-    assert len(prepared) == 12 and prepared["reward"] == word_count(prepared["completion"])
-    eos = trainer.processing_class.eos_token_id
-    assert all(ids.count(eos) == 1 and ids[-1] == eos for ids in prepared["completion_ids"])
-    before = snapshot(trainer.model)
-    trainer.train()
-    assert_loss_logged(trainer)
-    for name, param in trainer.model.named_parameters():
-        assert not torch.equal(param, before[name]), f"{name} did not change"
-
-
-def test_lora_t5_policy_samples_from_its_base_model(tiny_t5_path, t5_tokenizer, tmp_path):
-    """The reference of a LoRA policy is its base model: the stage samples with the adapters disabled."""
-    rows = pointwise_rows()
-    dataset = Dataset.from_dict({"prompt": rows["prompt"], "completion": rows["completion"]})
-    args = make_args(
-        QRPOConfig, tmp_path / "out", num_generations=3, max_completion_length=6, keep_ref_completions=True,
-        reference_cache_dir=str(tmp_path / "cache"),
-    )
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False)  # not a no-op
-    trainer = QRPOTrainer(model=tiny_t5_path, args=args, train_dataset=dataset, reward_funcs=word_count, peft_config=lora)
-    base = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_path)
-    expected = precompute_rewards(dataset, base, word_count, t5_reference_args(tmp_path / "base"), t5_tokenizer)
-    assert trainer.train_dataset["ref_completions"] == expected["ref_completions"]
+    assert_trained(trainer.model, before)
 
 
 def test_vllm_sampling_of_an_encoder_decoder_model_is_an_error(t5_tokenizer, tmp_path):

@@ -7,7 +7,15 @@ import math
 
 import pytest
 import torch
-from conftest import assert_loss_logged, logged, make_args, pointwise_rows, snapshot
+from conftest import (
+    assert_loss_logged,
+    assert_trained,
+    logged,
+    make_args,
+    pointwise_rows,
+    snapshot,
+    tiny_decoder_settings,
+)
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import GptOssConfig, GptOssForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -21,19 +29,7 @@ METHODS = pytest.mark.parametrize(
 
 
 def tiny_config(architecture, tokenizer):
-    shared = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    shared = dict(hidden_size=16, head_dim=8, num_experts_per_tok=2, **tiny_decoder_settings(tokenizer))
     if architecture == "qwen3_moe":
         return Qwen3MoeConfig(intermediate_size=32, moe_intermediate_size=16, num_experts=4, **shared)
     return GptOssConfig(
@@ -67,8 +63,7 @@ def test_train_moe_logs_aux_loss_and_changes_every_parameter(tiny_moe_path, tmp_
     assert_loss_logged(trainer)
     assert logged(trainer, "aux_loss") and all(math.isfinite(value) for value in logged(trainer, "aux_loss"))
     assert math.isfinite(logged(trainer, "eval_aux_loss")[0])
-    for name, param in trainer.model.named_parameters():
-        assert not torch.equal(param, before[name]), f"{name} did not change"
+    assert_trained(trainer.model, before)
 
 
 @pytest.mark.parametrize("precompute", [True, False], ids=["precomputed", "on_the_fly"])
@@ -113,8 +108,7 @@ def test_train_moe_lora_reference_adds_no_aux_loss(tiny_moe_path, tmp_path):
         trainer.train()
         assert logged(trainer, "aux_loss")
         losses.append(logged(trainer)[:2])
-        for name, param in trainer.model.named_parameters():
-            assert torch.equal(param, before[name]) != ("lora_" in name), name
+        assert_trained(trainer.model, before)
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import statistics
 from unittest import mock
 
 import numpy as np
@@ -154,49 +155,65 @@ def test_padding_waste_counts_padded_positions():
     assert benchmark.padding_waste([packed]) == pytest.approx(2 / 8)
 
 
+def sample_lengths(benchmark, args) -> list[int]:
+    """
+    Tokens of each pointwise sample of the benchmark's dataset, counted from its words (its tokenizer has one token per
+    word, BOS prepended, EOS appended to completions), in dataset order: chosen then rejected per pair; a sample whose
+    prompt alone has `max_length` tokens or more dropped, the others truncated to `max_length`.
+    """
+    lengths = []
+    for row in benchmark.build_dataset(args):
+        prompt = 1 + len(row["prompt"].split())
+        if prompt < args.max_length:
+            lengths += [min(prompt + len(row[key].split()) + 1, args.max_length) for key in ("chosen", "rejected")]
+    return lengths
+
+
+def padding_of_batches(lengths: list[int], batch_size: int) -> float:
+    """Padding fraction of right-padded batches of `batch_size` consecutive samples of these lengths."""
+    batches = [lengths[start : start + batch_size] for start in range(0, len(lengths), batch_size)]
+    return 1 - sum(lengths) / sum(len(batch) * max(batch) for batch in batches)
+
+
 @pytest.mark.slow
-def test_benchmark_quick_run_writes_its_figures(tmp_path):
-    output = tmp_path / "benchmark.json"
-    load_benchmark().main(["--quick", "--output", str(output)])
-    results = json.loads(output.read_text())
-    training = results["training"]
-    assert training["contenders"]["same_tokens_as_dpo"]
-    for name in ("QRPO", "QRPO, group_by_length", "QRPO, padding_free", "DPO, precomputed reference", "DPO, reference model"):
-        assert training["contenders"][name]["seconds_per_completion"] > 0
-    expected = {
-        "training": {
-            f"{q} / {d}"
-            for q in ("QRPO", "QRPO, group_by_length", "QRPO, padding_free")
-            for d in ("DPO, precomputed reference", "DPO, reference model")
-        },
-        "reference_pass": {
-            "reference pass / bare forward, same batches",
-            "reference pass / bare forward, dataset order",
-            "reference pass, padding_free / bare forward, same packed rows",
-            "reference pass, padding_free / reference pass",
-        },
-        "memory": {
-            f"{q} / {d}" for q in ("QRPO", "QRPO, padding_free") for d in ("SFTTrainer", "bare loss (full logits)")
-        },
-        "shared_prompts": {
-            "2 per prompt: QRPO, share_prompt / QRPO, padding_free",
-            "2 per prompt: QRPO, share_prompt / DPO, precomputed reference",
-            "8 per prompt: QRPO, share_prompt / QRPO, padding_free",
-            "8 per prompt: reference pass, share_prompt / padding_free",
-            "8 per prompt: demo KL scoring, share_prompt / padded",
-            "peak memory: QRPO, share_prompt / SFTTrainer",
-            "2 per prompt: positions of the shared rows / tokens of the samples",
-            "8 per prompt: positions of the shared rows / tokens of the samples",
-        },
+def test_benchmark_quick_run_measures_what_it_says(tmp_path):
+    """The benchmark's counts against counts made here from its dataset's words, and its ratios from its timings."""
+    benchmark = load_benchmark()
+    results = benchmark.main(["--quick", "--output", str(tmp_path / "benchmark.json")])
+    assert json.loads((tmp_path / "benchmark.json").read_text()) == json.loads(json.dumps(results))
+    args = benchmark.BenchmarkArguments(**results["config"])
+    lengths = sample_lengths(benchmark, args)
+    training, reference = results["training"]["contenders"], results["reference_pass"]["contenders"]
+    assert training["num_completions"] == reference["num_completions"] == len(lengths)
+    assert training["tokens"] == reference["tokens"] == sum(lengths) and training["same_tokens_as_dpo"]
+    # Padding: batches in dataset order, and the reference pass's batches of samples sorted longest first
+    waste = results["padding_waste"]
+    assert waste["reference pass, dataset order"] == pytest.approx(padding_of_batches(lengths, args.batch_size))
+    assert waste["reference pass"] == pytest.approx(padding_of_batches(sorted(lengths, reverse=True), args.batch_size))
+    assert waste["training: QRPO, padding_free"] == waste["reference pass, padding_free"] == 0
+    # Each ratio is the ratio of the medians of the timings it names: QRPO's training time over DPO's
+    for name, value in results["training"]["ratios"].items():
+        qrpo, dpo = name.split(" / ")
+        expected = statistics.median(training[qrpo]["seconds"]) / statistics.median(training[dpo]["seconds"])
+        assert value["ratio"] == pytest.approx(expected)
+    assert set(results["training"]["ratios"]) == {
+        f"{q} / {d}"
+        for q in ("QRPO", "QRPO, group_by_length", "QRPO, padding_free")
+        for d in ("DPO, precomputed reference", "DPO, reference model")
     }
-    for section, names in expected.items():
-        assert set(results[section]["ratios"]) == names
-        assert all(value["ratio"] > 0 for value in results[section]["ratios"].values())
-    assert all(0 <= value < 1 for value in results["padding_waste"].values())
-    assert results["padding_waste"]["training: QRPO, padding_free"] == 0
-    assert results["padding_waste"]["reference pass, padding_free"] == 0
-    assert results["memory"]["contenders"]["QRPO"]["peak_bytes"] > 0
-    assert results["memory"]["contenders"]["QRPO, padding_free"]["peak_bytes"] > 0
-    # Sharing prompts leaves fewer positions than the samples' tokens
+    memory = results["memory"]["contenders"]
+    for name, value in results["memory"]["ratios"].items():
+        qrpo, other = name.split(" / ")
+        assert value["ratio"] == pytest.approx(memory[qrpo]["peak_bytes"] / memory[other]["peak_bytes"])
+    # Sharing prompts: each ratio from its timings' medians, and fewer positions computed than the samples' tokens
+    shared = results["shared_prompts"]["ratios"]
+    assert {name for name in shared if "positions" not in name} == {
+        "2 per prompt: QRPO, share_prompt / QRPO, padding_free",
+        "2 per prompt: QRPO, share_prompt / DPO, precomputed reference",
+        "8 per prompt: QRPO, share_prompt / QRPO, padding_free",
+        "8 per prompt: reference pass, share_prompt / padding_free",
+        "8 per prompt: demo KL scoring, share_prompt / padded",
+        "peak memory: QRPO, share_prompt / SFTTrainer",
+    }
     for per_prompt in (2, 8):
-        assert results["shared_prompts"]["ratios"][f"{per_prompt} per prompt: positions of the shared rows / tokens of the samples"]["ratio"] < 1
+        assert shared[f"{per_prompt} per prompt: positions of the shared rows / tokens of the samples"]["ratio"] < 1

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import build_tiny_llama, logged, make_args, pointwise_rows
+from conftest import assert_loss_logged, assert_trained, build_tiny_llama, logged, make_args, pointwise_rows, snapshot
 from datasets import ClassLabel, Dataset, Features, Value, load_from_disk
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -424,42 +424,47 @@ def test_qrpo_trains_from_prompts_and_completions_with_reward_funcs(tiny_llama_p
     assert len({reward for refs in prepared["ref_rewards"] for reward in refs}) > 4
     assert all(0 <= quantile <= 1 for quantile in prepared["quantile"])
     assert len(trainer.eval_dataset) == 3 and "target" in trainer.eval_dataset.column_names
-    before = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+    before = snapshot(trainer.model)
     trainer.train()
     assert logged(trainer) and all(math.isfinite(loss) for loss in logged(trainer))
-    for name, param in trainer.model.named_parameters():
-        assert not torch.equal(param, before[name]), f"{name} did not change"
+    assert_trained(trainer.model, before)
 
 
-def test_rpo_trains_on_completions_sampled_for_prompts(tiny_llama_path, tmp_path):
+def test_rpo_trains_on_completions_sampled_for_prompts(architecture, tmp_path):
     args = make_args(
         RPOConfig, tmp_path / "out", num_generations=4, max_completion_length=6, value_estimator="monte_carlo",
         reference_cache_dir=str(tmp_path / "cache"),
     )
     trainer = RPOTrainer(
-        model=tiny_llama_path, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS[:3]}),
+        model=architecture.path, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS[:3]}),
         reward_funcs=length_reward,
     )
-    assert len(trainer.train_dataset) == 12
+    prepared = trainer.train_dataset
+    assert len(prepared) == 12 and prepared["reward"] == length_reward(prepared["completion"])
+    eos = trainer.processing_class.eos_token_id
+    assert all(ids.count(eos) == 1 and ids[-1] == eos for ids in prepared["completion_ids"])
+    before = snapshot(trainer.model)
     trainer.train()
-    assert logged(trainer) and all(math.isfinite(loss) for loss in logged(trainer))
+    assert_loss_logged(trainer)
+    assert_trained(trainer.model, before)
 
 
-def test_lora_policy_samples_from_its_base_model(tiny_llama_path, tokenizer, tmp_path):
+def test_lora_policy_samples_from_its_base_model(architecture, tmp_path):
     """The reference of a LoRA policy is its base model: the stage samples with the adapters disabled."""
     args = make_args(
         QRPOConfig, tmp_path / "out", num_generations=3, max_completion_length=6, keep_ref_completions=True,
         reference_cache_dir=str(tmp_path / "cache"),
     )
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # not a no-op
+    # Not a no-op
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=architecture.lora_modules, init_lora_weights=False)
     trainer = QRPOTrainer(
-        model=tiny_llama_path, args=args, train_dataset=completions_dataset(), reward_funcs=length_reward,
+        model=architecture.path, args=args, train_dataset=completions_dataset(), reward_funcs=length_reward,
         peft_config=lora,
     )
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    base = architecture.model_class.from_pretrained(architecture.path)
     expected = precompute_rewards(
         completions_dataset(), base, length_reward, reference_args(tmp_path / "base", keep_ref_completions=True),
-        processing_class=tokenizer,
+        processing_class=architecture.tokenizer,
     )
     assert trainer.train_dataset["ref_completions"] == expected["ref_completions"]
 

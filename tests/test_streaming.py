@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_loss_logged, logged, make_args, pointwise_rows, snapshot
+from conftest import assert_loss_logged, assert_trained, logged, make_args, pointwise_rows, snapshot
 from datasets import Dataset, DatasetDict, IterableDatasetDict
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
@@ -39,8 +39,7 @@ def test_streamed_targets_and_losses_equal_the_map_style_ones(tiny_llama_path, t
         before = snapshot(trainer.model)
         trainer.train()
         assert_loss_logged(trainer)
-        for name, param in trainer.model.named_parameters():
-            assert not torch.equal(param, before[name]), f"{name} did not change"
+        assert_trained(trainer.model, before)
         trainers.append(trainer)
     prepared, stream = trainers[0].train_dataset, list(trainers[1].train_dataset)
     for column in ("prompt_ids", "completion_ids"):
@@ -87,8 +86,7 @@ def test_streamed_reference_is_ref_model_or_disabled_adapters(tiny_llama_path, t
     trainer.train()
     assert_loss_logged(trainer)
     assert logged(trainer, "log_ratio")[0] == 0.0  # the first step: policy == reference (adapters disabled)
-    for name, param in trainer.model.named_parameters():
-        assert torch.equal(param, before[name]) != ("lora_" in name), name
+    assert_trained(trainer.model, before)
 
 
 @pytest.mark.parametrize("precompute", [False, True], ids=["on_the_fly", "precompute"])

@@ -25,6 +25,7 @@ from trl.data_utils import extract_prompt, is_conversational
 from trl.trainer.utils import create_model_from_path, get_config_model_id, hash_module
 
 from ..data_utils import PAIRED_COLUMNS, PAIRED_REWARD_COLUMNS, check_stage_columns, paired_reward_columns
+from ..docstrings import REWARD_FUNCS_ARGS, with_args_doc
 from ..fingerprint import tokenizer_fingerprint
 from ..reference_config import ReferenceConfig, ReferenceStageFields
 from ..tokenization import template_kwargs, tokenize_pairs, tokenize_prompts, with_pad_token
@@ -49,6 +50,7 @@ _CACHE_FORMAT = "qrpo_trl-reference-v2"
 _ROWS_PER_BATCH = 1024
 
 
+@with_args_doc(REWARD_FUNCS_ARGS)
 def precompute_rewards(
     dataset: Dataset,
     model: str | PreTrainedModel,
@@ -66,6 +68,22 @@ def precompute_rewards(
     Under `accelerate launch` or `torchrun`, call it on every process with the same dataset: each process samples and
     scores its share, and every process gets the whole result, identical to a single-process run.
 
+    Example:
+
+    ```python
+    >>> from datasets import Dataset
+    >>> from qrpo_trl import ReferenceConfig, precompute_rewards
+
+    >>> def brevity(completions, **kwargs):
+    ...     return [-float(len(completion.split())) for completion in completions]
+
+    >>> dataset = Dataset.from_dict({"prompt": ["The sky is", "The sea is"], "completion": [" blue.", " very deep."]})
+    >>> args = ReferenceConfig(num_generations=4, max_completion_length=32)
+    >>> dataset = precompute_rewards(dataset, "Qwen/Qwen2.5-0.5B-Instruct", brevity, args)
+    >>> dataset.column_names
+    ['prompt', 'completion', 'reward', 'ref_rewards']
+    ```
+
     Args:
         dataset ([`~datasets.Dataset`]):
             Standard text or conversational, one of:
@@ -81,19 +99,10 @@ def precompute_rewards(
             functions as keyword arguments, as in TRL's GRPO.
         model (`str` or [`~transformers.PreTrainedModel`]):
             The reference model (a causal LM, or an encoder-decoder LM such as T5), or its local path.
-        reward_funcs (`str`, [`~transformers.PreTrainedModel`], callable, or a list of them):
-            As in [`~trl.GRPOTrainer`]: a callable is called with `prompts=`, `completions=`, `completion_ids=` and
-            the other dataset columns as keyword arguments, and returns one reward per completion; a string is the
-            local path of a reward model, loaded with `AutoModelForSequenceClassification.from_pretrained(path,
-            num_labels=1)`; a model is used as is. A reward model scores prompt + completion, formatted with its own
-            chat template for conversational data. `args.reward_weights` weights their sum.
         args ([`ReferenceConfig`] or a trainer config, *optional*):
             Sampling, scoring and cache settings. Defaults to `ReferenceConfig()`.
         processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
             Tokenizer of the reference model. Loaded from the model's path if `None`.
-        reward_processing_classes ([`~transformers.PreTrainedTokenizerBase`] or list, *optional*):
-            Tokenizers of the reward models, in the order of `reward_funcs` (`None` for callables). Loaded from each
-            reward model's path if `None`.
         add_ref_rewards (`bool`, *optional*, defaults to `True`):
             Whether to add `ref_rewards`: per row, the rewards of `num_generations` completions sampled from the
             reference model for the row's prompt (and `ref_completions` if `args.keep_ref_completions`). A dataset that
