@@ -24,6 +24,19 @@ class DROConfig(PointwiseConfig):
     [`~transformers.TrainingArguments`] for the rest. `regression_loss` must stay `"mse"`: DRO's value is the minimiser
     of the squared loss.
 
+    Example:
+
+    ```python
+    >>> from qrpo_trl import DROConfig
+
+    >>> # The RPO authors' DRO baseline (b-faye/rpo, dro/train_dro.py): tau = 1, z-scored rewards, per-token mean
+    >>> # log-probabilities, and one learning rate of 1e-4 for the policy and the default MLP value head
+    >>> args = DROConfig(
+    ...     output_dir="Qwen2.5-0.5B-DRO", beta=1.0, normalize_rewards=True, logps_normalization="mean",
+    ...     learning_rate=1e-4,
+    ... )
+    ```
+
     Parameters:
         value_head (`str`, *optional*, defaults to `"mlp"`):
             The value head on the pooled prompt representation: `"mlp"` (`Linear(hidden, value_head_hidden_size) ->

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data_utils import float_column
+from .docstrings import POINTWISE_TRAINER_ARGS, with_args_doc
 from .dro_config import DROConfig
 from .pointwise_trainer import PointwiseTrainer
 from .rpo_trainer import RPOTrainer
@@ -52,27 +53,28 @@ def pool_prompt_states(
     return torch.where((last >= 0).unsqueeze(-1), hidden[last.clamp(min=0)], hidden.new_zeros(()))
 
 
+@with_args_doc(POINTWISE_TRAINER_ARGS)
 class DROTrainer(PointwiseTrainer):
     """
-    Trainer for Direct Reward Optimization (DRO), from the paper "Offline Regularised Reinforcement Learning for Large
-    Language Models Alignment" (Richemond et al. 2024), the baseline of the RPO paper. A drop-in replacement for
-    [`~trl.DPOTrainer`]: same constructor, and `isinstance(trainer, DPOTrainer)` holds.
+    Trainer for Direct Reward Optimization (DRO), from the paper [Offline Regularised Reinforcement Learning for Large
+    Language Models Alignment](https://huggingface.co/papers/2405.19107) (Richemond et al. 2024), the baseline of the
+    RPO paper. A drop-in replacement for [`~trl.DPOTrainer`]: same constructor, and `isinstance(trainer, DPOTrainer)`
+    holds. TRL has no DRO.
 
-    DRO minimises `L = 0.5 * E[(r - V(x) - beta * log(pi_theta(y|x) / pi_ref(y|x)))^2]` jointly over the policy and a
-    value `V(x)` learned during training, so its regression target `r - V(x)` moves (QRPO's and RPO's are fixed before
-    training). The loss is `L` itself, the paper's objective, as the RPO authors' DRO code minimises it: the policy gets
-    the gradient of `L` with `V` held fixed, `-beta * (r - V - beta * log-ratio) * grad log pi_theta` (`beta` times
-    the paper's policy gradient, a constant factor that Adam's per-parameter scaling removes), and `V` the gradient of
-    its regression onto `r - beta * log-ratio`, `-(r - V - beta * log-ratio) * grad V`. The map stage stores the reward
+    DRO learns from single completions rated by a reward, with no pairs and no reference samples: it minimises
+    `L = 0.5 * E[(r - V(x) - beta * log(pi_theta(y|x) / pi_ref(y|x)))^2]` jointly over the policy and a value `V(x)`
+    learned during training, so its regression target `r - V(x)` moves (QRPO's and RPO's are fixed before training).
+    The loss is `L` itself, the paper's objective, as the RPO authors' DRO code minimises it: the policy gets the
+    gradient of `L` with `V` held fixed, `-beta * (r - V - beta * log-ratio) * grad log pi_theta` (`beta` times the
+    paper's policy gradient, a constant factor that Adam's per-parameter scaling removes), and `V` the gradient of its
+    regression onto `r - beta * log-ratio`, `-(r - V - beta * log-ratio) * grad V`. The map stage stores the reward
     (z-scored with `normalize_rewards`) as `target`; each step subtracts `V(x)`.
 
     The value is, by default, a head ([`ValueHead`], `args.value_head`) on the policy's own prompt representation, read
     from the policy's forward (no second forward): the mean (or, `value_pooling="last"`, the last) of its last hidden
     states over the prompt tokens, or of its encoder states for an encoder-decoder model. Its input is detached, so the
-    value's loss does not train the policy. Or a user's `value_model`: any model that maps the prompt's `input_ids` and
-    `attention_mask` (the policy's tokenizer) to `logits` of shape `(batch, 1)`, such as an
-    `AutoModelForSequenceClassification` with one label (TRL's PPO takes its value model the same way). Either trains
-    in its own optimizer parameter group (`value_learning_rate`), is saved with every checkpoint and with the model
+    value's loss does not train the policy. Or a user's `value_model` (see below). Either trains in its own optimizer
+    parameter group (`value_learning_rate`), is saved with every checkpoint and with the model
     (`value_model.safetensors`, next to the policy's weights) and restored when resuming. Logged: `value` (the mean
     `V(x)`), `value_loss` (`L`, the value's regression loss, equal to the policy's squared loss) and `residual` (the mean
     `|r - V(x) - beta * log-ratio|`, 0 at the optimum).
@@ -80,15 +82,55 @@ class DROTrainer(PointwiseTrainer):
     At the optimum, within a prompt, `log-ratio_i - log-ratio_j = (r_i - r_j) / beta`; with finitely many observed
     completions `V(x)` is only bounded below, by RPO's value `beta * log sum_j pi_ref(y_j|x) exp(r_j / beta)`.
 
-    Dataset formats: those of [`RPOTrainer`] (pointwise `prompt`, `completion`, `reward`, or paired with scores).
-    Unlike RPO, DRO needs no statistics of a prompt's completions, so it streams an `IterableDataset` (without
-    `normalize_rewards`) and trains on prompts with a single completion.
+    Example:
+
+    ```python
+    >>> from datasets import Dataset
+    >>> from qrpo_trl import DROConfig, DROTrainer
+
+    >>> dataset = Dataset.from_dict(
+    ...     {
+    ...         "prompt": ["The sky is", "The sky is", "The sea is", "The grass is"],
+    ...         "completion": [" blue.", " green.", " deep.", " made of water."],
+    ...         "reward": [1.0, 0.2, 0.8, 0.0],
+    ...     }
+    ... )
+    >>> args = DROConfig(output_dir="Qwen2.5-0.5B-DRO", beta=1.0, normalize_rewards=True)
+    >>> trainer = DROTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", args=args, train_dataset=dataset)
+    >>> trainer.train()
+    ```
 
     Args:
-        Same as [`RPOTrainer`], with `args` a [`DROConfig`], then:
+        args ([`DROConfig`], *optional*):
+            Configuration for this trainer. If `None`, a default configuration is used, with `output_dir` named after
+            the model (`<model name>-DRO`).
+        train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
+            Dataset to use for training, [standard](dataset_formats#standard) (plain text) or
+            [conversational](dataset_formats#conversational) (lists of `{"role", "content"}` messages), in one of the
+            formats:
+
+            - pointwise: `prompt`, `completion`, `reward`; a prompt may have a single completion (DRO needs no
+              statistics of a prompt's completions);
+            - paired with scores: `prompt`, `chosen`, `rejected`, `chosen_reward`/`rejected_reward` (or
+              `score_chosen`/`score_rejected`, or `chosen_rewards`/`rejected_rewards`): each pair becomes two
+              pointwise samples, or one of them (`args.paired_samples`).
+
+            Reference log-probabilities given as `ref_logps` (pointwise) or `ref_chosen_logps`/`ref_rejected_logps`
+            (paired) are used as they are. Given `reward_funcs`, the reference stage (see [`precompute_rewards`])
+            scores the completions that have no reward, and turns a prompt-only dataset into `args.num_generations`
+            completions per prompt sampled from the reference model.
+
+            A streamed [`~datasets.IterableDataset`] is prepared batch by batch as it is read, with
+            `args.precompute_ref_log_probs=False` (the reference log-probabilities are computed at every step) and
+            `args.max_steps`. It cannot be used with `normalize_rewards=True` (the statistics are taken over the whole
+            training dataset) nor completed by `reward_funcs`.
         value_model ([`~torch.nn.Module`], *optional*):
-            The value model `V(x)`, in place of the head on the policy's states (see above). Not with
-            `padding_free=True` (it scores the prompts alone).
+            The value function `V(x)`, in place of the head on the policy's states: any model that maps the prompt's
+            `input_ids` and `attention_mask` (tokenised by the policy's `processing_class`) to `logits` of shape
+            `(batch, 1)`, such as an `AutoModelForSequenceClassification` with `num_labels=1` (TRL's PPO takes its
+            value model the same way). Keyword only. It is trained with the policy, and the fields that shape the head
+            (`value_head`, `value_head_hidden_size`, `value_pooling`) must keep their defaults. Not with
+            `padding_free=True` (it scores the prompts alone). A given `optimizers` must hold its parameters.
     """
 
     _config_class = DROConfig

@@ -33,7 +33,33 @@ class PromptGroupedSampler(Sampler[int]):
     Samples the rows of a prepared pointwise dataset in a random order of whole prompt groups: the rows of one prompt
     (same `prompt_ids`) come one after the other, the groups shuffled by `seed` (and the epoch, `set_epoch`). Batches
     of consecutive rows then hold whole groups, as DPO's batches hold whole pairs, but for the groups that a batch
-    boundary splits (a group larger than the batch, or sizes that do not tile it).
+    boundary splits (a group larger than the batch, or sizes that do not tile it). The trainers use it for training
+    with `group_by_prompt=True` (seeded by `args.seed`), so that the completions of a prompt that share a batch can
+    share its computation (`share_prompt`).
+
+    Example:
+
+    ```python
+    >>> from datasets import Dataset
+    >>> from qrpo_trl import PromptGroupedSampler
+
+    >>> # A prepared dataset (as `trainer.train_dataset`): three prompts, of 3, 2 and 1 completions
+    >>> dataset = Dataset.from_dict({"prompt_ids": [[1, 2], [3, 4], [1, 2], [5], [3, 4], [1, 2]]})
+    >>> sampler = PromptGroupedSampler(dataset, seed=42)
+    >>> list(sampler)
+    [3, 1, 4, 0, 2, 5]
+    >>> sampler.set_epoch(1)
+    >>> list(sampler)
+    [0, 2, 5, 3, 1, 4]
+    ```
+
+    Args:
+        dataset ([`~datasets.Dataset`]):
+            A prepared (tokenised) pointwise dataset, with a `prompt_ids` column: rows with the same `prompt_ids` form
+            one group, whatever their place in the dataset.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the order of the groups, which also depends on the epoch given to `set_epoch` (0 until then): the
+            same seed and epoch give the same order, and each epoch its own.
     """
 
     def __init__(self, dataset: Dataset, seed: int = 0):

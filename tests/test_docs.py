@@ -11,16 +11,31 @@ import qrpo_trl
 from qrpo_trl.reference_config import ReferenceStageFields
 
 
-# The public API (`qrpo_trl.__all__`), but for the collator: trainers and `precompute_rewards`, then configs
-TRAINERS = [qrpo_trl.PointwiseTrainer, qrpo_trl.QRPOTrainer, qrpo_trl.RPOTrainer, qrpo_trl.precompute_rewards]
-CONFIGS = [qrpo_trl.PointwiseConfig, qrpo_trl.QRPOConfig, qrpo_trl.RPOConfig, qrpo_trl.ReferenceConfig]
-DOCUMENTED = TRAINERS + CONFIGS
+# The public API (`qrpo_trl.__all__`), but for the collator: trainers and `precompute_rewards`, the sampler, configs
+TRAINERS = [
+    qrpo_trl.PointwiseTrainer, qrpo_trl.QRPOTrainer, qrpo_trl.RPOTrainer, qrpo_trl.DROTrainer, qrpo_trl.precompute_rewards
+]
+SAMPLERS = [qrpo_trl.PromptGroupedSampler]
+CONFIGS = [
+    qrpo_trl.PointwiseConfig, qrpo_trl.QRPOConfig, qrpo_trl.RPOConfig, qrpo_trl.DROConfig, qrpo_trl.ReferenceConfig
+]
+DOCUMENTED = TRAINERS + SAMPLERS + CONFIGS
 EXAMPLE_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 
 
 def documented_names(documented) -> set[str]:
     """The names of the entries of the docstring's `Args:` or `Parameters:` section (`name (`type`, ...):`)."""
     return set(re.findall(r"^ {8}(\w+) \(", documented.__doc__, re.MULTILINE))
+
+
+def accepted_arguments(documented) -> set[str]:
+    """The parameters of its signature; a class's `*args` and `**kwargs`, passed on to its base, stand for the base's."""
+    parameters = inspect.signature(documented).parameters
+    variadic = {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
+    names = {name for name, parameter in parameters.items() if parameter.kind not in variadic} - {"self"}
+    if inspect.isclass(documented) and len(names) < len(parameters):
+        names |= accepted_arguments(documented.__mro__[1])
+    return names
 
 
 def examples(documented) -> list[str]:
@@ -32,10 +47,9 @@ def examples(documented) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("documented", TRAINERS, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("documented", TRAINERS + SAMPLERS, ids=lambda d: d.__name__)
 def test_every_argument_is_documented(documented):
-    parameters = set(inspect.signature(documented).parameters) - {"self"}
-    assert documented_names(documented) == parameters
+    assert documented_names(documented) == accepted_arguments(documented)
 
 
 @pytest.mark.parametrize("config_class", CONFIGS + [ReferenceStageFields], ids=lambda config: config.__name__)
@@ -69,3 +83,8 @@ def test_example_runs(documented, tiny_llama_path, tmp_path, monkeypatch):
         assert namespace["trainer"].state.global_step > 0
     if documented is qrpo_trl.precompute_rewards:
         assert namespace["dataset"].column_names == ["prompt", "completion", "reward", "ref_rewards"]
+    if documented is qrpo_trl.PromptGroupedSampler:  # a permutation of the rows, each prompt's rows consecutive
+        order, prompts = list(namespace["sampler"]), namespace["dataset"]["prompt_ids"]
+        assert sorted(order) == list(range(len(prompts)))
+        runs = [tuple(prompts[i]) for k, i in enumerate(order) if k == 0 or prompts[i] != prompts[order[k - 1]]]
+        assert len(runs) == len(set(runs))
