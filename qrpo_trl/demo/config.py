@@ -71,13 +71,13 @@ class DemoConfig:
     # The frontier's betas: a method's KL falls as its beta grows, at a rate of its own, so each has its grid (these
     # span about 0.1 to 5 nats on the quick variant)
     qrpo_identity_betas: list[float] = field(
-        default_factory=lambda: [0.03, 0.05, 0.1, 0.3], metadata={"help": "Frontier: betas of QRPO (identity)."}
+        default_factory=lambda: [0.05, 0.1, 0.3, 1.0], metadata={"help": "Frontier: betas of QRPO (identity)."}
     )
     qrpo_log_betas: list[float] = field(
         default_factory=lambda: [0.1, 0.3, 1.0, 3.0], metadata={"help": "Frontier: betas of QRPO (log)."}
     )
     rpo_betas: list[float] = field(
-        default_factory=lambda: [0.03, 0.05, 0.1, 0.3], metadata={"help": "Frontier: betas (tau) of RPO."}
+        default_factory=lambda: [0.05, 0.1, 0.2, 0.5], metadata={"help": "Frontier: betas (tau) of RPO."}
     )
     dpo_betas: list[float] = field(
         default_factory=lambda: [0.3, 1.0, 3.0, 10.0, 30.0],
