@@ -46,7 +46,10 @@ class RPOConfig(PointwiseConfig):
                   to a total probability of about 1/2 on them instead of 1.
                 - `"monte_carlo"`: `V(x) = beta * log(1/n sum_j exp(r_j / beta))` over the n rows of `x`, the Monte
                   Carlo estimate of `beta * log E_ref[exp(r / beta)]`, suited to completions sampled from the
-                  reference model: every row is an independent draw and counts, duplicates included.
+                  reference model: every row is an independent draw and counts, duplicates included. With a
+                  `ref_rewards` column (rewards of reference-model samples of `x`, per row), the same estimate over
+                  each row's `ref_rewards`: the rows may then be a subset of the samples (e.g. each prompt's best
+                  and worst) while `V(x)` uses all of them.
         normalize_rewards (`bool`, *optional*, defaults to `False`):
             Whether to z-score the rewards over the training dataset (mean 0, standard deviation 1), as in the paper's
             experiments. Evaluation datasets use the training statistics.

@@ -3,11 +3,11 @@ import textwrap
 import numpy as np
 from accelerate.logging import get_logger
 
-from .data_utils import completion_groups, float_column, prompt_groups, reward_columns
+from .data_utils import completion_groups, float_column, prompt_groups, ragged_float_column, reward_columns
 from .docstrings import POINTWISE_TRAINER_ARGS, with_args_doc
 from .pointwise_trainer import PointwiseTrainer
 from .rpo_config import RPOConfig
-from .targets import label_means, rpo_values
+from .targets import label_means, monte_carlo_values, pad_ragged, rpo_values
 
 
 logger = get_logger(__name__)
@@ -26,6 +26,11 @@ class RPOTrainer(PointwiseTrainer):
     `0.5 * (log pi_theta(y|x) - log pi_ref(y|x) - (r - V(x)) / beta)^2`. At the optimum the policy is a softmax over
     the observed completions of each prompt, so a prompt with a single completion degenerates to maximising its
     likelihood.
+
+    With `value_estimator="monte_carlo"` and a `ref_rewards` column (a list of floats per row: the rewards of
+    completions sampled from the reference model for the row's prompt, as QRPO's), `V(x)` is the Monte Carlo estimate
+    over each row's `ref_rewards` instead of over the dataset's rows of `x`: the dataset may then train on some of the
+    samples only (e.g. each prompt's best and worst, or `qrpo-trl offpolicy` pairs) with `V(x)` over all of them.
 
     Example:
 
@@ -101,6 +106,21 @@ class RPOTrainer(PointwiseTrainer):
         )
 
     def _check_dataset(self, dataset, args, dataset_name):
+        if "ref_rewards" in dataset.column_names:
+            if args.value_estimator != "monte_carlo":
+                logger.warning(
+                    f"The {dataset_name} dataset's `ref_rewards` are not used by value_estimator="
+                    f"{args.value_estimator!r}, which sums over the dataset's own completions of each prompt: "
+                    "value_estimator='monte_carlo' estimates V(x) from them."
+                )
+            else:
+                references = ragged_float_column(dataset, "ref_rewards", dataset_name)
+                empty = [row for row, refs in enumerate(references) if not len(refs)]
+                if empty:
+                    raise ValueError(
+                        f"Column 'ref_rewards' of the {dataset_name} dataset, row {empty[0]}: expected at least one "
+                        f"reference reward for V(x), got none ({len(empty)} such rows)."
+                    )
         if args.normalize_rewards and dataset_name == "train":
             rewards = np.concatenate([float_column(dataset, column, dataset_name) for column in reward_columns(dataset.column_names)])
             if not rewards.std() > 0:
@@ -116,6 +136,13 @@ class RPOTrainer(PointwiseTrainer):
         rewards = float_column(dataset, "reward", "prepared")
         if self.args.normalize_rewards:
             rewards = (rewards - statistics["reward_mean"]) / statistics["reward_std"]
+        estimator = self.args.value_estimator
+        if estimator == "monte_carlo" and "ref_rewards" in dataset.column_names:
+            references = pad_ragged(ragged_float_column(dataset, "ref_rewards", "prepared"))
+            if self.args.normalize_rewards:
+                references = (references - statistics["reward_mean"]) / statistics["reward_std"]
+            values = monte_carlo_values(references, self.beta)
+            return {"target": rewards - values, "value": values}
         groups = prompt_groups(dataset)
         sizes = np.bincount(groups)
         if (sizes == 1).any():
@@ -123,7 +150,6 @@ class RPOTrainer(PointwiseTrainer):
                 f"{int((sizes == 1).sum())} of {sizes.size} prompts have a single completion: RPO's target for it is "
                 "-beta * log pi_ref(y|x), so its loss degenerates to maximising that completion's likelihood."
             )
-        estimator = self.args.value_estimator
         if estimator == "ref_weighted":
             # V(x) sums over the distinct completions, each with its mean reward; every row of a completion regresses
             # onto that mean, which is the optimum of the completion (and the loss is 0 there)

@@ -253,3 +253,16 @@ def rpo_values(
     else:
         raise ValueError(f"Unknown value_estimator {estimator!r}; expected one of {VALUE_ESTIMATORS}.")
     return tau * values[groups]
+
+
+def monte_carlo_values(ref_rewards, tau: float) -> np.ndarray:
+    """
+    Per-row value `V(x) = tau * log(1/n sum_j exp(r_j / tau))` over each row's own reference rewards (a row of the
+    NaN-padded matrix `pad_ragged` makes): RPO's Monte Carlo estimate from rewards of completions sampled from the
+    reference model for `x`, whether or not those completions are rows of the dataset.
+    """
+    if not tau > 0:
+        raise ValueError(f"tau (beta) must be > 0, got {tau}.")
+    scores = np.asarray(ref_rewards, dtype=np.float64) / tau
+    present = ~np.isnan(scores)
+    return tau * (logsumexp(np.where(present, scores, -np.inf), axis=1) - np.log(present.sum(axis=1)))

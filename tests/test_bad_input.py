@@ -138,6 +138,16 @@ def test_constant_rewards_cannot_be_normalized(tiny_llama_path, tmp_path):
     expect_error(RPOTrainer, RPOConfig, tiny_llama_path, tmp_path, rows, "normalize_rewards=True, but every reward of the train dataset is the same", normalize_rewards=True)
 
 
+def test_rpo_monte_carlo_needs_reference_rewards_in_every_row(tiny_llama_path, tmp_path):
+    rows = pointwise_rows()
+    rows["ref_rewards"][2] = []
+    expect_error(
+        RPOTrainer, RPOConfig, tiny_llama_path, tmp_path, rows,
+        r"Column 'ref_rewards' of the train dataset, row 2: expected at least one reference reward for V\(x\)",
+        value_estimator="monte_carlo",
+    )
+
+
 def test_bad_disk_backed_dataset_writes_nothing(tiny_llama_path, tmp_path):
     rows = pointwise_rows()
     rows["ref_rewards"][3] = []

@@ -5,13 +5,15 @@ import math
 import os
 from unittest import mock
 
+import numpy as np
 import pytest
 
 from datasets import Dataset
 
 from qrpo_trl.demo.__main__ import main, parse_config
-from qrpo_trl.demo.compare import best_and_worst, best_vs_worst_pairs
+from qrpo_trl.demo.compare import MethodTrainer, best_vs_worst_pairs
 from qrpo_trl.demo.frontier import gain_at_kl
+from qrpo_trl.demo.pipeline import Setup, best_and_worst, step_budget, training_rows
 
 
 # The quick variant shrunk to seconds: a few SFT steps, 2 samples of 8 tokens per prompt, 8 training steps
@@ -60,6 +62,8 @@ def test_quick_demo_runs_every_stage(tmp_path, bf16):
         written = json.load(file)
     assert written["config"]["bf16"] is bf16
     assert written["num_heldout_prompts"] == 4 and written["num_train_prompts"] == 8
+    # The default trains on each prompt's best and worst of its 2 samples: the prompts whose 2 rewards differ
+    assert written["config"]["train_rows"] == "best_worst" and written["num_train_rows"] <= 16
     assert set(written["stage_seconds"]) == {
         "SFT of the tiny model from scratch",
         "Reference stage: 2 samples for each of 8 training prompts",
@@ -109,13 +113,13 @@ def test_dro_is_a_method_of_the_frontier(tmp_path):
 
 def test_frontier_sweeps_betas_and_repeats_its_points(tmp_path):
     flags = [
-        "--frontier", "--methods", "qrpo_log", "dpo", "qrpo_log_best_worst", "--qrpo_log_betas", "0.1", "1",
-        "--dpo_betas", "0.1", "1", "--qrpo_log_best_worst_betas", "0.1", "1",
+        "--frontier", "--methods", "qrpo_log", "dpo", "qrpo_log_all_rows", "--qrpo_log_betas", "0.1", "1",
+        "--dpo_betas", "0.1", "1", "--qrpo_log_all_rows_betas", "0.1", "1",
     ]  # fmt: skip
     output_dir, details = run_tiny(tmp_path, *flags)
     frontier = read_json(output_dir, "frontier.json")
     assert list(frontier) == ["methods"]
-    assert list(frontier["methods"]) == ["QRPO (log)", "DPO (best vs worst)", "QRPO (log, best/worst)"]
+    assert list(frontier["methods"]) == ["QRPO (log)", "DPO (best vs worst)", "QRPO (log, all rows)"]
     for name, points in frontier["methods"].items():
         assert [point["beta"] for point in points] == [0.1, 1.0]
         for point in points:
@@ -143,6 +147,42 @@ def test_best_and_worst_rows_are_dpo_pairs():
     assert best_vs_worst_pairs(data).to_list() == [
         {"prompt": "a", "chosen": "a2", "rejected": "a3"}, {"prompt": "c", "chosen": "c2", "rejected": "c1"}
     ]
+
+
+def sampled_completions(rewards: list[list[float]]) -> Dataset:
+    """The reference stage's output for the demo: every sample of a prompt has all the prompt's rewards as references."""
+    rows = {"prompt": [], "completion": [], "reward": [], "ref_rewards": []}
+    for p, prompt_rewards in enumerate(rewards):
+        for c, reward in enumerate(prompt_rewards):
+            rows["prompt"].append(f"prompt {p}")
+            rows["completion"].append(" " + " ".join(["yes", "no", "maybe", "sure", "blue", "red"][: c + 1]))
+            rows["reward"].append(reward)
+            rows["ref_rewards"].append(list(prompt_rewards))
+    return Dataset.from_dict(rows)
+
+
+def test_default_trains_on_best_and_worst_rows_with_all_samples_as_references(tiny_llama_path, tmp_path):
+    rewards = [[0.2, 0.9, 0.5, 0.1, 0.5], [0.4, 0.3, 0.8, 0.6, 0.8]]
+    data = sampled_completions(rewards)
+    config = parse_config(["--quick", "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path)])
+    assert config.train_rows == "best_worst" and parse_config([]).train_rows == "best_worst"
+    assert training_rows(data, config.train_rows)["completion"] == [data[i]["completion"] for i in (1, 3, 7, 6)]
+    assert training_rows(data, "all") is data
+    methods = MethodTrainer(config, Setup(tiny_llama_path, None, None, data, None, None))
+    # The budget is the same for every method: num_train_epochs (2) passes over all 10 samples at 4 a step
+    assert methods.max_steps == step_budget(config, data) == 5
+
+    # QRPO: the best and the worst of each prompt, each quantile among the prompt's 4 other samples (mid-rank ties)
+    qrpo = methods.train("qrpo_log", 0.3, str(tmp_path / "qrpo")).train_dataset
+    assert qrpo["completion"] == training_rows(data, "best_worst")["completion"]
+    np.testing.assert_allclose(qrpo["quantile"], [1.0, 0.0, 0.875, 0.0])
+    # RPO: V(x) is the Monte Carlo estimate over all 5 samples of the prompt, not over the 2 rows trained on
+    rpo = methods.train("rpo", 0.3, str(tmp_path / "rpo")).train_dataset
+    values = [0.3 * np.log(np.mean(np.exp(np.array(prompt_rewards) / 0.3))) for prompt_rewards in rewards]
+    np.testing.assert_allclose(rpo["value"], [values[0]] * 2 + [values[1]] * 2, rtol=1e-12)
+    # The former behaviour, all rows: the same V(x) on every sample
+    rpo_all = methods.train("rpo_all_rows", 0.3, str(tmp_path / "rpo_all")).train_dataset
+    np.testing.assert_allclose(rpo_all["value"], [values[0]] * 5 + [values[1]] * 5, rtol=1e-12)
 
 
 def test_gain_at_matched_kl_interpolates_in_log_kl():
@@ -187,6 +227,8 @@ def test_bf16_follows_the_cpu_unless_set(avx512_bf16, amx):
         (["--methods", "qrpo", "dpo"], "methods"),
         (["--compare", "--frontier"], "two modes"),
         (["--dpo_betas", "0.1", "0"], "dpo_betas"),
+        (["--train_rows", "some"], "train_rows"),
+        (["--frontier", "--train_rows", "all"], "qrpo_log_all_rows"),
     ],
 )
 def test_bad_settings_are_refused(flags, message):

@@ -11,6 +11,7 @@ from qrpo_trl.targets import (
     TRANSFORMS,
     beta_log_partition,
     label_means,
+    monte_carlo_values,
     own_reward_index,
     pad_ragged,
     quantile_rewards,
@@ -171,6 +172,24 @@ def test_rpo_value_matches_direct_float64():
         mc = rpo_values(groups, rewards, ref_logps, tau, "monte_carlo")
         direct = {g: tau * np.log(np.mean(np.exp(rewards[groups == g] / tau))) for g in range(3)}
         np.testing.assert_allclose(mc, [direct[g] for g in groups], rtol=1e-12)
+
+
+def test_monte_carlo_value_over_reference_rewards():
+    rng = np.random.default_rng(1)
+    references = [rng.normal(size=5), rng.normal(size=2), rng.normal(size=7)]
+    for tau in (0.05, 1.0):
+        values = monte_carlo_values(pad_ragged(references), tau)
+        direct = [float(tau * mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(r) / tau) for r in refs) / len(refs))) for refs in references]
+        np.testing.assert_allclose(values, direct, rtol=1e-13)
+        # Each row's references are its prompt's rows: the same value as over the rows
+        groups = np.repeat(np.arange(3), [len(refs) for refs in references])
+        rows = np.concatenate(references)
+        np.testing.assert_allclose(
+            monte_carlo_values(pad_ragged([references[g] for g in groups]), tau),
+            rpo_values(groups, rows, None, tau, "monte_carlo"), rtol=1e-13,
+        )
+    with pytest.raises(ValueError, match="tau"):
+        monte_carlo_values(pad_ragged(references), 0.0)
 
 
 def test_rpo_value_is_finite_for_sequence_log_probs():

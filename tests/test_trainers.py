@@ -134,6 +134,21 @@ def test_rpo_first_loss_equals_the_paper_formula(tiny_llama_path, dataset, tmp_p
     assert logged(trainer)[0] == pytest.approx(np.mean(0.5 * ((rewards - values) / tau) ** 2), rel=1e-5)
 
 
+@pytest.mark.parametrize("normalize_rewards", [False, True])
+def test_rpo_monte_carlo_value_from_reference_rewards(tiny_llama_path, tmp_path, normalize_rewards):
+    # Two rows of a prompt trained on, V(x) over the prompt's 5 reference rewards (z-scored as the rewards are)
+    rows = pointwise_rows(completions_per_prompt=2)
+    tau = 0.5
+    args = make_args(RPOConfig, tmp_path, beta=tau, value_estimator="monte_carlo", normalize_rewards=normalize_rewards)
+    prepared = RPOTrainer(model=tiny_llama_path, args=args, train_dataset=Dataset.from_dict(rows)).train_dataset
+    rewards, references = np.array(rows["reward"]), np.array(rows["ref_rewards"])
+    if normalize_rewards:
+        rewards, references = (rewards - rewards.mean()) / rewards.std(), (references - rewards.mean()) / rewards.std()
+    values = tau * np.log(np.mean(np.exp(references / tau), axis=1))
+    np.testing.assert_allclose(prepared["value"], values, rtol=1e-12)
+    np.testing.assert_allclose(prepared["target"], rewards - values, rtol=1e-12)
+
+
 @METHODS
 @pytest.mark.parametrize(
     "reward_columns",

@@ -3,12 +3,14 @@ Comparison mode: the same scored completions of the reference model, the same Lo
 per step and KL coefficient `beta`, for QRPO (identity and log transforms), RPO, DRO, TRL's DPOTrainer and TRL's
 KTOTrainer; evaluated like the demo.
 
-- QRPO: every completion, its quantile among the other completions of its prompt. `qrpo_log_best_worst`: only each
-  prompt's best and worst completion (DPO's rows), their quantiles still among all the others.
-- RPO: every completion and its reward; `V(x)` by the Monte Carlo estimate, as the completions are samples of the
-  reference model.
-- DRO: every completion and its reward, as RPO; `V(x)` learned during training by the default value head (an MLP on the
-  policy's mean-pooled prompt states) at the same learning rate, as the RPO authors' DRO.
+- QRPO (the paper's recipe): each prompt's best and worst completion (DPO's rows), their quantiles among all the other
+  completions of the prompt. `qrpo_*_all_rows`: every completion, its quantile among the others.
+- RPO (the paper's recipe): each prompt's best and worst completion and its reward; `V(x)` by the Monte Carlo estimate
+  over all the prompt's completions (samples of the reference model, its `ref_rewards`). `rpo_all_rows`: every
+  completion.
+- DRO: every completion and its reward (single-trajectory data, as in the RPO paper); `V(x)` learned during training
+  by the default value head (an MLP on the policy's mean-pooled prompt states) at the same learning rate, as the RPO
+  authors' DRO.
 - DPO: one pair per prompt, its best completion (chosen) against its worst (rejected); half as many pairs per step, so
   that a step processes as many completions.
 - KTO: every completion whose reward is above its prompt's median (desirable) or below it (undesirable); those at the
@@ -16,7 +18,6 @@ KTOTrainer; evaluated like the demo.
 """
 
 import json
-import math
 import os
 import time
 
@@ -24,29 +25,13 @@ import numpy as np
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-from .. import DROConfig, DROTrainer, RPOConfig, RPOTrainer, data_utils
+from .. import DROConfig, DROTrainer, RPOConfig, RPOTrainer
 from . import evaluation, plots
 from .config import METHODS, DemoConfig
 from .pipeline import (
-    Setup, StageTimer, evaluate_policy, load_model, lora_config, prepare, train_qrpo, training_arguments,
+    Setup, StageTimer, best_and_worst, evaluate_policy, load_model, lora_config, prepare, prompt_groups, step_budget,
+    train_qrpo, training_arguments, training_rows,
 )
-
-
-def prompt_groups(train_data: Dataset) -> list[list[int]]:
-    """Row indices of each prompt's completions, grouped as the trainers group them (RPO's `V(x)`)."""
-    labels = data_utils.prompt_groups(train_data)
-    return [np.flatnonzero(labels == label).tolist() for label in range(labels.max() + 1)]
-
-
-def best_and_worst(train_data: Dataset) -> list[tuple[int, int]]:
-    """Row indices of each prompt's best and worst completion (prompts without spread are left out)."""
-    rewards = np.asarray(train_data["reward"])
-    pairs = []
-    for indices in prompt_groups(train_data):
-        best, worst = indices[int(np.argmax(rewards[indices]))], indices[int(np.argmin(rewards[indices]))]
-        if rewards[best] > rewards[worst]:
-            pairs.append((best, worst))
-    return pairs
 
 
 def best_vs_worst_pairs(train_data: Dataset) -> Dataset:
@@ -77,16 +62,15 @@ class MethodTrainer:
 
     def __init__(self, config: DemoConfig, setup: Setup):
         self.config, self.setup = config, setup
-        # The budget: QRPO's number of steps over all the completions, at `per_device_train_batch_size` a step
-        self.max_steps = math.ceil(
-            len(setup.train_data) / config.per_device_train_batch_size * config.num_train_epochs
-        )
-        extremes = [row for pair in best_and_worst(setup.train_data) for row in pair]
+        self.max_steps = step_budget(config, setup.train_data)
+        best_worst = training_rows(setup.train_data, "best_worst")
         self.datasets = {
-            "qrpo_identity": setup.train_data,
-            "qrpo_log": setup.train_data,
-            "qrpo_log_best_worst": setup.train_data.select(extremes),
-            "rpo": setup.train_data.remove_columns("ref_rewards"),
+            "qrpo_identity": best_worst,
+            "qrpo_log": best_worst,
+            "rpo": best_worst,
+            "qrpo_identity_all_rows": setup.train_data,
+            "qrpo_log_all_rows": setup.train_data,
+            "rpo_all_rows": setup.train_data,
             "dro": setup.train_data.remove_columns("ref_rewards"),
             "dpo": best_vs_worst_pairs(setup.train_data),
             "kto": above_below_median(setup.train_data),
@@ -99,10 +83,11 @@ class MethodTrainer:
         if method.startswith("qrpo_"):
             return train_qrpo(
                 model, tokenizer, self.datasets[method], config, output_dir, max_steps=self.max_steps, beta=beta,
-                transform="identity" if method == "qrpo_identity" else "log",
+                transform="identity" if method.startswith("qrpo_identity") else "log",
             )
         arguments = {**training_arguments(config, output_dir), "max_steps": self.max_steps, "beta": beta}
-        if method == "rpo":
+        if method.startswith("rpo"):
+            # The completions are samples of the reference model; V(x) over each row's `ref_rewards`: all of them
             args = RPOConfig(**arguments, value_estimator="monte_carlo")
             trainer_class = RPOTrainer
         elif method == "dro":

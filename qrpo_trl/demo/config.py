@@ -5,22 +5,28 @@ from dataclasses import dataclass, field
 import torch
 
 from ..pointwise_config import check_choice
-from ..targets import TRANSFORMS
+from ..targets import PARTITIONS, TIES, TRANSFORMS
 from .task import TOPICS
 
 
-# The methods of `--compare` and `--frontier` (see `compare.py`), by the key that settings use, and their names
+# The methods of `--compare` and `--frontier` (see `compare.py`), by the key that settings use, and their names. QRPO
+# and RPO train on each prompt's best and worst sample with all its samples as references (the paper's recipe); the
+# `*_all_rows` variants train on every sample
 METHODS = {
     "qrpo_identity": "QRPO (identity)",
     "qrpo_log": "QRPO (log)",
-    "qrpo_log_best_worst": "QRPO (log, best/worst)",
     "rpo": "RPO",
     "dro": "DRO",
     "dpo": "DPO (best vs worst)",
     "kto": "KTO (vs median)",
+    "qrpo_identity_all_rows": "QRPO (identity, all rows)",
+    "qrpo_log_all_rows": "QRPO (log, all rows)",
+    "rpo_all_rows": "RPO (all rows)",
 }
-# Compared unless `methods` says otherwise; `qrpo_log_best_worst` (QRPO on DPO's rows) is a lever, run on demand
+# Compared unless `methods` says otherwise; the `*_all_rows` variants are run on demand
 DEFAULT_METHODS = ["qrpo_identity", "qrpo_log", "rpo", "dpo", "kto"]
+# The rows QRPO trains on in the main demo (`train_rows`)
+TRAIN_ROWS = ("best_worst", "all")
 
 
 @dataclass
@@ -67,17 +73,13 @@ class DemoConfig:
     # The frontier's betas: a method's KL falls as its beta grows, at a rate of its own, so each has its grid (these
     # span about 0.1 to 5 nats on the quick variant)
     qrpo_identity_betas: list[float] = field(
-        default_factory=lambda: [0.03, 0.05, 0.1, 0.3], metadata={"help": "Frontier: betas of QRPO (identity)."}
+        default_factory=lambda: [0.05, 0.1, 0.3, 1.0], metadata={"help": "Frontier: betas of QRPO (identity)."}
     )
     qrpo_log_betas: list[float] = field(
         default_factory=lambda: [0.1, 0.3, 1.0, 3.0], metadata={"help": "Frontier: betas of QRPO (log)."}
     )
-    qrpo_log_best_worst_betas: list[float] = field(
-        default_factory=lambda: [0.1, 0.3, 1.0, 3.0],
-        metadata={"help": "Frontier: betas of QRPO (log) trained on each prompt's best and worst completion only."},
-    )
     rpo_betas: list[float] = field(
-        default_factory=lambda: [0.03, 0.05, 0.1, 0.3], metadata={"help": "Frontier: betas (tau) of RPO."}
+        default_factory=lambda: [0.05, 0.1, 0.2, 0.5], metadata={"help": "Frontier: betas (tau) of RPO."}
     )
     # DRO moves less far than RPO at the same beta (quick variant: KL 1.05 at 0.03, 0.06 at 0.3), hence a lower grid
     dro_betas: list[float] = field(
@@ -89,6 +91,18 @@ class DemoConfig:
     )
     kto_betas: list[float] = field(
         default_factory=lambda: [0.3, 1.0, 3.0, 10.0], metadata={"help": "Frontier: betas of KTO (vs median)."}
+    )
+    qrpo_identity_all_rows_betas: list[float] = field(
+        default_factory=lambda: [0.03, 0.05, 0.1, 0.3],
+        metadata={"help": "Frontier: betas of QRPO (identity) trained on every sample."},
+    )
+    qrpo_log_all_rows_betas: list[float] = field(
+        default_factory=lambda: [0.1, 0.3, 1.0, 3.0],
+        metadata={"help": "Frontier: betas of QRPO (log) trained on every sample."},
+    )
+    rpo_all_rows_betas: list[float] = field(
+        default_factory=lambda: [0.03, 0.05, 0.1, 0.3],
+        metadata={"help": "Frontier: betas (tau) of RPO trained on every sample."},
     )
     output_dir: str = field(
         default="outputs/demo", metadata={"help": "Where the results (JSON, PNG plots) and the trained adapters go."}
@@ -135,12 +149,42 @@ class DemoConfig:
     generation_batch_size: int = field(default=48, metadata={"help": "Completions generated per batch."})
 
     # QRPO and LoRA
+    train_rows: str = field(
+        default="best_worst",
+        metadata={
+            "help": "Main demo: the samples QRPO trains on. `best_worst` (the paper's recipe): each training prompt's "
+            "best and worst, their quantiles among all its samples; `all`: every sample. Either way the step budget "
+            "is `num_train_epochs` passes over all the samples. --compare and --frontier choose by method instead "
+            "(`qrpo_log` or `qrpo_log_all_rows`).",
+        },
+    )
     beta: float = field(default=0.1, metadata={"help": "QRPO's KL coefficient."})
     transform: str = field(
         default="log",
         metadata={
             "help": f"QRPO's transform of the quantile reward: {', '.join(TRANSFORMS)}. `log` (the optimum is Best-of-N "
             "with N = 1 + 1/beta) moved SmolLM2 about twice as far as `identity` in the same steps."
+        },
+    )
+    partition: str = field(
+        default="exact",
+        metadata={
+            "help": f"QRPO's partition function: {', '.join(PARTITIONS)} (`finite_n`: exact for the discrete quantiles "
+            "of `num_generations - 1` references)."
+        },
+    )
+    ties: str = field(
+        default="mid",
+        metadata={
+            "help": "QRPO's quantile of a reward tied with references: `mid` (mid-rank: rewards are fractions of rules "
+            "met, so ties are common, and mid-rank keeps the quantile unbiased) or `le` (the official code)."
+        },
+    )
+    exclude_self_from_ref: bool = field(
+        default=True,
+        metadata={
+            "help": "QRPO: take each completion's quantile among the other samples of its prompt (it is one of its "
+            "prompt's references)."
         },
     )
     normalize_beta_by_length: bool = field(
@@ -151,7 +195,13 @@ class DemoConfig:
         },
     )
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (cosine schedule)."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training completions."})
+    num_train_epochs: float = field(
+        default=1.0,
+        metadata={
+            "help": "The step budget of every method: passes over all the sampled completions (trained on each "
+            "prompt's best and worst only, that is `num_generations / 2` times as many passes over those)."
+        },
+    )
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Completions per optimisation step."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of the steps of linear warmup."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -196,6 +246,14 @@ class DemoConfig:
         if self.max_train_prompts is not None and self.max_train_prompts < 1:
             raise ValueError(f"`max_train_prompts` must be >= 1 or None, got {self.max_train_prompts}.")
         check_choice("transform", self.transform, TRANSFORMS)
+        check_choice("partition", self.partition, PARTITIONS)
+        check_choice("ties", self.ties, TIES)
+        check_choice("train_rows", self.train_rows, TRAIN_ROWS)
+        if self.train_rows != "best_worst" and (self.compare or self.frontier):
+            raise ValueError(
+                f"`train_rows={self.train_rows!r}` is a setting of the main demo: --compare and --frontier choose the "
+                "rows by method (e.g. `qrpo_log_all_rows` trains QRPO (log) on every sample)."
+            )
         if self.bf16 is None:  # torch has no public test of native bfloat16 on CPU
             self.bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         for method in self.methods:

@@ -4,6 +4,7 @@ The demo, end to end through the package's public API: sample completions from t
 """
 
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .. import QRPOConfig, QRPOTrainer, ReferenceConfig, precompute_rewards
+from .. import QRPOConfig, QRPOTrainer, ReferenceConfig, data_utils, precompute_rewards
 from ..tokenization import with_pad_token
 from . import evaluation, plots
 from .config import DemoConfig
@@ -73,6 +74,40 @@ def reference_stage(model, tokenizer, train_prompts: Dataset, config: DemoConfig
     return precompute_rewards(train_prompts, model, constraint_reward, args, processing_class=tokenizer)
 
 
+def prompt_groups(train_data: Dataset) -> list[list[int]]:
+    """Row indices of each prompt's completions, grouped as the trainers group them (RPO's `V(x)`)."""
+    labels = data_utils.prompt_groups(train_data)
+    return [np.flatnonzero(labels == label).tolist() for label in range(labels.max() + 1)]
+
+
+def best_and_worst(train_data: Dataset) -> list[tuple[int, int]]:
+    """Row indices of each prompt's best and worst completion (prompts without spread are left out)."""
+    rewards = np.asarray(train_data["reward"])
+    pairs = []
+    for indices in prompt_groups(train_data):
+        best, worst = indices[int(np.argmax(rewards[indices]))], indices[int(np.argmin(rewards[indices]))]
+        if rewards[best] > rewards[worst]:
+            pairs.append((best, worst))
+    return pairs
+
+
+def training_rows(train_data: Dataset, rows: str) -> Dataset:
+    """
+    The rows QRPO and RPO train on: `"all"` the sampled completions, or `"best_worst"` (the paper's recipe, as `qrpo-trl
+    offpolicy --mode offpolicy2best`) each prompt's best and worst. Every row keeps `ref_rewards`, the rewards of all
+    the prompt's samples: QRPO's quantiles and RPO's `V(x)` are taken over all of them either way.
+    """
+    if rows == "all":
+        return train_data
+    return train_data.select([row for pair in best_and_worst(train_data) for row in pair])
+
+
+def step_budget(config: DemoConfig, train_data: Dataset) -> int:
+    """Optimisation steps of every method: `num_train_epochs` passes over all the sampled completions, whatever rows a
+    method trains on (on each prompt's best and worst, `num_generations / 2` times as many passes over them)."""
+    return math.ceil(len(train_data) / config.per_device_train_batch_size * config.num_train_epochs)
+
+
 def lora_config(config: DemoConfig, num_layers: int) -> LoraConfig:
     top_layers = None
     if config.lora_top_layers is not None:
@@ -108,14 +143,13 @@ def training_arguments(config: DemoConfig, output_dir: str) -> dict:
 
 
 def train_qrpo(model, tokenizer, train_data: Dataset, config: DemoConfig, output_dir: str, **overrides):
-    """QRPO with LoRA on the reference model's own scored samples, each the others' references."""
+    """QRPO with LoRA on the reference model's own scored samples (or some of them), all of them references."""
     settings = dict(
         beta=config.beta,
         transform=config.transform,
-        # Each completion is among its prompt's sampled references: its quantile is taken among the others
-        exclude_self_from_ref=True,
-        # Rewards are fractions of rules met, so ties are common: mid-rank keeps the quantile unbiased
-        ties="mid",
+        exclude_self_from_ref=config.exclude_self_from_ref,
+        ties=config.ties,
+        partition=config.partition,
         normalize_beta_by_length=config.normalize_beta_by_length,
     )
     args = QRPOConfig(**{**training_arguments(config, output_dir), **settings, **overrides})
@@ -184,9 +218,13 @@ def run(config: DemoConfig) -> dict:
     start = time.perf_counter()
     timer = StageTimer()
     setup = prepare(config, timer)
+    train_data = training_rows(setup.train_data, config.train_rows)
+    max_steps = step_budget(config, setup.train_data)
+    print(f"\nQRPO trains on {len(train_data)} of the {len(setup.train_data)} sampled completions ({config.train_rows}).")
     with timer("QRPO training (LoRA)"):
         trainer = train_qrpo(
-            setup.model, setup.tokenizer, setup.train_data, config, os.path.join(config.output_dir, "qrpo")
+            setup.model, setup.tokenizer, train_data, config, os.path.join(config.output_dir, "qrpo"),
+            max_steps=max_steps,
         )
     trainer.save_model()
     policy = evaluate_policy(trainer.model, setup.tokenizer, setup.heldout, setup.reference, config, timer, "qrpo")
@@ -195,6 +233,7 @@ def run(config: DemoConfig) -> dict:
         "model": setup.path,
         "config": vars(config),
         "num_train_prompts": len(setup.train_data) // config.num_generations,
+        "num_train_rows": len(train_data),
         "num_heldout_prompts": len(setup.heldout),
         "train_reward_mean": float(np.mean(setup.train_data["reward"])),
         "reference": setup.reference,

@@ -106,7 +106,8 @@ def precompute_rewards(
         add_ref_rewards (`bool`, *optional*, defaults to `True`):
             Whether to add `ref_rewards`: per row, the rewards of `num_generations` completions sampled from the
             reference model for the row's prompt (and `ref_completions` if `args.keep_ref_completions`). A dataset that
-            already has `ref_rewards` keeps them. `False` for RPO, which only needs `reward`.
+            already has `ref_rewards` keeps them. RPO only needs `reward`, but with `value_estimator="monte_carlo"` it
+            estimates `V(x)` from `ref_rewards` when given them.
         dataset_name (`str`, *optional*, defaults to `"train"`):
             Name used in progress bars and error messages.
 
