@@ -1,7 +1,11 @@
 """Offline fixtures: word-level tokenizers with a chat template and tiny Llama and T5 checkpoints built in a temp dir."""
 
+import glob
 import math
 import os
+import signal
+import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -269,3 +273,30 @@ def assert_trained(model, before) -> None:
     for name, param in model.named_parameters():
         trained = "lora_" in name or not lora
         assert torch.equal(param, before[name]) != trained, f"{name} {'did not change' if trained else 'changed'}"
+
+
+def assert_same_loss_and_gradients(result, expected) -> None:
+    """Two `(log-probs, loss, gradients by name)` results equal within 1e-5 (packed or shared rows vs padded)."""
+    torch.testing.assert_close(result[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(result[1], expected[1], atol=1e-5, rtol=1e-5)
+    assert result[2].keys() == expected[2].keys() and result[2]
+    for name in expected[2]:
+        torch.testing.assert_close(result[2][name], expected[2][name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def kill_after_two_chunks(command: list[str], cache, log_path, timeout: float, **popen_kwargs) -> tuple[str, int]:
+    """Run the reference stage's `command` and SIGKILL it once it has written 2 of its 5 sampling chunks; check that
+    it was killed midway. Returns the sampling directory and the number of chunks it wrote."""
+    with open(log_path, "w") as log:
+        killed = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **popen_kwargs)
+        deadline = time.monotonic() + timeout
+        while len(glob.glob(str(cache / "sampling-*" / "chunk-*"))) < 2:  # 5 chunks of one `generate` call each
+            assert killed.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+    (sampling_dir,) = glob.glob(str(cache / "sampling-*"))
+    done = len(glob.glob(os.path.join(sampling_dir, "chunk-*")))
+    assert 2 <= done < 5
+    return sampling_dir, done

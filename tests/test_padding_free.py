@@ -6,7 +6,7 @@ batch's; a model or setting that cannot be packed is a ValueError.
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_llama, logged, make_args, sequence_logps, varied_pointwise_dataset
+from conftest import assert_same_loss_and_gradients, build_tiny_llama, logged, make_args, sequence_logps, varied_pointwise_dataset
 from datasets import Dataset
 from peft import LoraConfig, PromptTuningConfig
 from transformers import AttentionInterface, LlamaForCausalLM, MistralConfig, MistralForCausalLM
@@ -164,11 +164,7 @@ def test_packed_logps_loss_and_gradients_equal_padded(
             np.testing.assert_allclose(packed_ref, expected, rtol=1e-5, atol=1e-5)
     else:
         padded, packed = results
-    torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(packed[1], padded[1], atol=1e-5, rtol=1e-5)
-    assert packed[2].keys() == padded[2].keys() and packed[2]
-    for name in padded[2]:
-        torch.testing.assert_close(packed[2][name], padded[2][name], atol=1e-5, rtol=1e-5, msg=name)
+    assert_same_loss_and_gradients(packed, padded)
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])

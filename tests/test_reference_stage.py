@@ -6,16 +6,14 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import assert_loss_logged, assert_trained, build_tiny_llama, logged, make_args, pointwise_rows, snapshot
+from conftest import assert_loss_logged, assert_trained, build_tiny_llama, kill_after_two_chunks, logged, make_args, pointwise_rows, snapshot
 from datasets import ClassLabel, Dataset, Features, Value, load_from_disk
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -327,18 +325,8 @@ def test_killed_run_resumes_with_the_uninterrupted_result(tiny_llama_path, tmp_p
         ]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(tmp_path / "killed.log", "w") as log:
-        killed = subprocess.Popen(command("killed", 0.5), env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while len(glob.glob(str(cache / "sampling-*" / "chunk-*"))) < 2:  # 5 chunks of one generate call each
-            assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        os.kill(killed.pid, signal.SIGKILL)
-        killed.wait()
-    (sampling_dir,) = glob.glob(str(cache / "sampling-*"))
-    done = len(glob.glob(os.path.join(sampling_dir, "chunk-*")))
-    assert 2 <= done < 5 and not (tmp_path / "killed.json").exists()
+    sampling_dir, done = kill_after_two_chunks(command("killed", 0.5), cache, tmp_path / "killed.log", 300, env=env)
+    assert not (tmp_path / "killed.json").exists()
 
     subprocess.run(command("resumed", 0.0), env=env, check=True, capture_output=True, timeout=300)
     resumed = json.loads((tmp_path / "resumed.json").read_text())

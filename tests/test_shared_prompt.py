@@ -6,7 +6,7 @@ gradient equal the padded batch's; the reference pass shares too; `PromptGrouped
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_llama, logged, make_args, varied_pointwise_dataset
+from conftest import assert_same_loss_and_gradients, build_tiny_llama, logged, make_args, varied_pointwise_dataset
 from datasets import Dataset
 from test_padding_free import LORA, _loss_and_gradients, _spy, _tiny_mistral, _trainer
 from transformers import AttentionInterface
@@ -144,11 +144,7 @@ def test_shared_logps_loss_and_gradients_equal_padded(
         np.testing.assert_allclose(shared_ref, padded_ref, rtol=1e-5, atol=1e-5)
     else:
         padded, shared = results
-    torch.testing.assert_close(shared[0], padded[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(shared[1], padded[1], atol=1e-5, rtol=1e-5)
-    assert shared[2].keys() == padded[2].keys() and shared[2]
-    for name in padded[2]:
-        torch.testing.assert_close(shared[2][name], padded[2][name], atol=1e-5, rtol=1e-5, msg=name)
+    assert_same_loss_and_gradients(shared, padded)
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])

@@ -9,11 +9,9 @@ import gc
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from importlib.util import find_spec
 
 import numpy as np
@@ -21,7 +19,7 @@ import psutil
 import pyarrow as pa
 import pytest
 import torch
-from conftest import make_args
+from conftest import kill_after_two_chunks, make_args
 from datasets import Dataset, load_from_disk
 from sampling_checks import save_peaked_llama
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -139,18 +137,8 @@ def test_killed_run_resumes_with_the_uninterrupted_result(first_run, peaked_path
             "--cache_dir", str(cache), "--output", str(tmp_path / f"{name}.json"), "--generate_delay", str(delay),
         ]
 
-    with open(tmp_path / "killed.log", "w") as log:
-        killed = subprocess.Popen(command("killed", 2.0), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while len(glob.glob(str(cache / "sampling-*" / "chunk-*"))) < 2:  # 5 chunks of one `generate` call each
-            assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        os.kill(killed.pid, signal.SIGKILL)
-        killed.wait()
-    (sampling_dir,) = glob.glob(str(cache / "sampling-*"))
-    done = len(glob.glob(os.path.join(sampling_dir, "chunk-*")))
-    assert 2 <= done < 5 and not (tmp_path / "killed.json").exists()
+    sampling_dir, done = kill_after_two_chunks(command("killed", 2.0), cache, tmp_path / "killed.log", 600)
+    assert not (tmp_path / "killed.json").exists()
 
     completed = subprocess.run(command("resumed", 0.0), capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
