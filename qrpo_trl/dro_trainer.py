@@ -151,7 +151,7 @@ class DROTrainer(PointwiseTrainer):
     }
 
     # DRO normalises the rewards as RPO does: the same check and statistics
-    _check_dataset = RPOTrainer._check_dataset
+    _check_dataset = RPOTrainer._check_reward_spread
     _target_statistics = RPOTrainer._target_statistics
 
     def __init__(self, model, ref_model=None, args: DROConfig | None = None, *positional, value_model=None, **kwargs):

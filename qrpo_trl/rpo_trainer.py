@@ -121,6 +121,10 @@ class RPOTrainer(PointwiseTrainer):
                         f"Column 'ref_rewards' of the {dataset_name} dataset, row {empty[0]}: expected at least one "
                         f"reference reward for V(x), got none ({len(empty)} such rows)."
                     )
+        self._check_reward_spread(dataset, args, dataset_name)
+
+    def _check_reward_spread(self, dataset, args, dataset_name):
+        """`normalize_rewards` divides by the rewards' standard deviation: they must not all be equal."""
         if args.normalize_rewards and dataset_name == "train":
             rewards = np.concatenate([float_column(dataset, column, dataset_name) for column in reward_columns(dataset.column_names)])
             if not rewards.std() > 0:
