@@ -32,7 +32,7 @@ TRAIN_ROWS = ("best_worst", "all")
 @dataclass
 class DemoConfig:
     r"""
-    Settings of `python -m qrpo_trl.demo`. The defaults are the main demo (SmolLM2-135M-Instruct, about 7 minutes on
+    Settings of `python -m qrpo_trl.demo`. The defaults are the main demo (SmolLM2-135M-Instruct, about 4 minutes on
     2 quiet CPU cores with bfloat16); `--quick` starts from [`QUICK_DEFAULTS`] instead (a tiny model taught the task by SFT, about a
     minute). Flags and `--config` YAML files override either.
     """
