@@ -165,7 +165,8 @@ def test_default_trains_on_best_and_worst_rows_with_all_samples_as_references(ti
     rewards = [[0.2, 0.9, 0.5, 0.1, 0.5], [0.4, 0.3, 0.8, 0.6, 0.8]]
     data = sampled_completions(rewards)
     config = parse_config(["--quick", "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path)])
-    assert config.train_rows == "best_worst" and parse_config([]).train_rows == "best_worst"
+    # Each variant's default is the rows ahead at matched KL on its model: the recipe on the quick task, all on SmolLM2
+    assert config.train_rows == "best_worst" and parse_config([]).train_rows == "all"
     assert training_rows(data, config.train_rows)["completion"] == [data[i]["completion"] for i in (1, 3, 7, 6)]
     assert training_rows(data, "all") is data
     methods = MethodTrainer(config, Setup(tiny_llama_path, None, None, data, None, None))
@@ -229,6 +230,7 @@ def test_bf16_follows_the_cpu_unless_set(avx512_bf16, amx):
         (["--dpo_betas", "0.1", "0"], "dpo_betas"),
         (["--train_rows", "some"], "train_rows"),
         (["--frontier", "--train_rows", "all"], "qrpo_log_all_rows"),
+        (["--quick", "--compare", "--train_rows", "best_worst"], "qrpo_log_all_rows"),
     ],
 )
 def test_bad_settings_are_refused(flags, message):

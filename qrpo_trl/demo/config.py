@@ -149,13 +149,14 @@ class DemoConfig:
     generation_batch_size: int = field(default=48, metadata={"help": "Completions generated per batch."})
 
     # QRPO and LoRA
-    train_rows: str = field(
-        default="best_worst",
+    train_rows: str | None = field(
+        default=None,
         metadata={
             "help": "Main demo: the samples QRPO trains on. `best_worst` (the paper's recipe): each training prompt's "
             "best and worst, their quantiles among all its samples; `all`: every sample. Either way the step budget "
-            "is `num_train_epochs` passes over all the samples. --compare and --frontier choose by method instead "
-            "(`qrpo_log` or `qrpo_log_all_rows`).",
+            "is `num_train_epochs` passes over all the samples. None: the one ahead at matched KL on the variant's "
+            "model (docs/recipe.md), `all` for SmolLM2, `best_worst` with --quick. --compare and --frontier choose "
+            "by method instead (`qrpo_log` or `qrpo_log_all_rows`).",
         },
     )
     beta: float = field(default=0.1, metadata={"help": "QRPO's KL coefficient."})
@@ -248,12 +249,14 @@ class DemoConfig:
         check_choice("transform", self.transform, TRANSFORMS)
         check_choice("partition", self.partition, PARTITIONS)
         check_choice("ties", self.ties, TIES)
-        check_choice("train_rows", self.train_rows, TRAIN_ROWS)
-        if self.train_rows != "best_worst" and (self.compare or self.frontier):
+        if self.train_rows is not None and (self.compare or self.frontier):
             raise ValueError(
                 f"`train_rows={self.train_rows!r}` is a setting of the main demo: --compare and --frontier choose the "
                 "rows by method (e.g. `qrpo_log_all_rows` trains QRPO (log) on every sample)."
             )
+        if self.train_rows is None:
+            self.train_rows = "best_worst" if self.quick else "all"
+        check_choice("train_rows", self.train_rows, TRAIN_ROWS)
         if self.bf16 is None:  # torch has no public test of native bfloat16 on CPU
             self.bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         for method in self.methods:
