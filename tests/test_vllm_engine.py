@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed (`make test-vllm` installs it)"),
 ]
 
-# A small share of this machine's memory (on CPU, vLLM reserves this fraction of it), and no compilation: a quick start
+# A small share of the memory (on CPU the KV cache is fixed instead: see conftest.py), and no compilation: a quick start
 ENGINE = dict(vllm_gpu_memory_utilization=0.1, vllm_enforce_eager=True)
 PROMPTS = ["what is the sky", "hello", "tell me about the sea", "what is one two"]
 
