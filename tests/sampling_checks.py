@@ -9,6 +9,7 @@ from collections import Counter
 
 import numpy as np
 import torch
+from conftest import tiny_decoder_settings
 from scipy import stats
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -21,18 +22,8 @@ def build_peaked_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
     A tiny Llama that vLLM's CPU attention accepts (head_dim 64) whose next-token distributions are peaked: a few tokens
     carry most of the mass (large LM-head weights), EOS among them, so that thousands of samples test them precisely.
     """
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    settings = {**tiny_decoder_settings(tokenizer), "num_attention_heads": 4, "num_key_value_heads": 4}
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, **settings)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
