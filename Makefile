@@ -57,7 +57,7 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 
 install-demo: $(VENV)/.demo-installed
 
-# The main demo: SmolLM2-135M-Instruct aligned with QRPO on the built-in task, 3 to 4 minutes on 2 quiet CPU cores with bfloat16, 5 in float32
+# The main demo: SmolLM2-135M-Instruct aligned with QRPO on the built-in task, 3 to 4 minutes on 2 quiet CPU cores with bfloat16, about 5 in float32 (measured with AVX2 only)
 demo: install-demo
 	$(BIN)/python -m qrpo_trl.demo
 

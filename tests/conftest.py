@@ -12,7 +12,7 @@ from dataclasses import dataclass
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 # vLLM's CPU build sizes its KV cache as `gpu_memory_utilization` x the NUMA node's memory minus its worker's resident
-# memory: on a node of 12 GiB, the tests' 0.1 is less than a worker forked from a test process holds, and the engine
+# memory: on a node of 12 GiB, the tests' 0.1 is less than the engine worker of a test process holds, and the engine
 # refuses to start. Its CPU setting for a fixed KV cache (GiB) starts it whatever the machine's memory layout.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
